@@ -19,6 +19,9 @@ SOURCES = {
                 "positive when > 2.5 % of pixels exceed it (muscle MRI literature)",
     "goutallier_fuchs": "Goutallier grading, MRI adaptation by Fuchs et al. 1999: 0 none, 1 streaks, "
                         "2 fat < muscle, 3 fat = muscle, 4 fat > muscle",
+    "dixon_muscle_ff": "Proton-density fat fraction of healthy adult gluteal / thigh muscle ~2-5 % "
+                       "(chemical-shift MRI literature); subcutaneous adipose tissue ~90-95 %",
+    "ifi_seg_design": "ifi-seg design choice (no published value); see the comment at the field",
 }
 
 DISCLAIMER = (
@@ -41,7 +44,7 @@ class MeasureConfig:
     # fraction of QF voxels above the reference limit that counts as positive (2.5 % in the STIR
     # literature; we use it as the 'mild' threshold and a larger share for 'marked')
     edema_fraction_mild: float = 0.10
-    edema_fraction_marked: float = 0.40
+    edema_fraction_marked: float = 0.50   # most of the muscle above the limit: diffuse edema
     edema_ratio_mild: float = 1.25    # median QF / median reference muscle on the fluid image
     edema_ratio_marked: float = 1.8
     edema_source: str = "stir_url"
@@ -49,6 +52,18 @@ class MeasureConfig:
     goutallier_ff_bounds: tuple = (0.08, 0.20, 0.40, 0.55)
     goutallier_source: str = "goutallier_fuchs"
     fat_fraction_flag: float = 0.20
+    # T1 fat-fraction estimate without Dixon: the QF's mean T1 signal mapped linearly between the
+    # reference muscle and subcutaneous fat, whose fat fractions are taken as these values
+    # (spin-echo signal is the sum of its water and fat parts, so linear in fat fraction).
+    t1_reference_muscle_ff: float = 0.03
+    t1_subcutaneous_fat_ff: float = 0.93
+    t1_calibration_source: str = "dixon_muscle_ff"
+    # Statistics are taken inside the structures eroded by one in-plane voxel (partial volume
+    # with the neighbouring fat / fluid), unless that leaves fewer than this many voxels.
+    min_signal_voxels: int = 30
+    # Pose: femoral shaft axis needs this much femur below the lesser trochanter (mm).
+    pose_min_shaft_mm: float = 30.0
+    pose_source: str = "ifi_seg_design"
     extra: dict = field(default_factory=dict)
 
     def source_text(self, key: str) -> str:
@@ -57,6 +72,20 @@ class MeasureConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def goutallier_grade(self, fat_fraction: float | None) -> int | None:
+        """Goutallier grade 0-4 of a mean muscle fat fraction (``goutallier_ff_bounds`` are the
+        upper bounds of grades 0..3; a value equal to a bound takes the higher grade). The one definition used by the whole project."""
+        return goutallier_grade(fat_fraction, self.goutallier_ff_bounds)
+
+
+def goutallier_grade(fat_fraction: float | None, bounds=None) -> int | None:
+    """Goutallier grade 0-4 from a fat fraction 0..1 (None stays None); ``bounds`` default to
+    ``MeasureConfig().goutallier_ff_bounds``."""
+    if fat_fraction is None:
+        return None
+    bounds = MeasureConfig.goutallier_ff_bounds if bounds is None else bounds
+    return int(sum(float(fat_fraction) >= b for b in bounds))
 
 
 def load_config(path: str | Path | None = None) -> MeasureConfig:

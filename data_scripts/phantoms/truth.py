@@ -1,0 +1,238 @@
+"""Exact geometric ground truth on continuous triangle surfaces (world RAS mm).
+
+* ``surface_distance``: shortest 3D distance between two triangle meshes (exact triangle-triangle:
+  vertex-to-triangle both ways plus edge-to-edge), with a KD-tree prefilter.
+* ``axial_truth``: the radiologist's measurement on acquired slices: for each slice centre plane,
+  intersect the two meshes with the plane and take the in-plane shortest distance between the two
+  cross-section contours (segment-to-segment), minimised over slices.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from .model import Surface
+
+_EPS = 1e-12
+
+
+def closest_point_on_triangles(p: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Closest points on triangles (a, b, c) to points p; all arrays (N, 3). Ericson's method."""
+    ab, ac, ap = b - a, c - a, p - a
+    d1 = np.einsum("ij,ij->i", ab, ap)
+    d2 = np.einsum("ij,ij->i", ac, ap)
+    bp = p - b
+    d3 = np.einsum("ij,ij->i", ab, bp)
+    d4 = np.einsum("ij,ij->i", ac, bp)
+    cp = p - c
+    d5 = np.einsum("ij,ij->i", ab, cp)
+    d6 = np.einsum("ij,ij->i", ac, cp)
+    va = d3 * d6 - d5 * d4
+    vb = d5 * d2 - d1 * d6
+    vc = d1 * d4 - d3 * d2
+    denom = va + vb + vc
+    denom = np.where(np.abs(denom) < _EPS, _EPS, denom)
+    v = vb / denom
+    w = vc / denom
+    out = a + ab * v[:, None] + ac * w[:, None]  # interior case
+    # edge BC
+    m = (va <= 0) & ((d4 - d3) >= 0) & ((d5 - d6) >= 0)
+    t = (d4 - d3) / np.where(np.abs((d4 - d3) + (d5 - d6)) < _EPS, _EPS, (d4 - d3) + (d5 - d6))
+    out[m] = (b + (c - b) * t[:, None])[m]
+    # edge AC
+    m = (vb <= 0) & (d2 >= 0) & (d6 <= 0)
+    t = d2 / np.where(np.abs(d2 - d6) < _EPS, _EPS, d2 - d6)
+    out[m] = (a + ac * t[:, None])[m]
+    # edge AB
+    m = (vc <= 0) & (d1 >= 0) & (d3 <= 0)
+    t = d1 / np.where(np.abs(d1 - d3) < _EPS, _EPS, d1 - d3)
+    out[m] = (a + ab * t[:, None])[m]
+    # vertices
+    m = (d6 >= 0) & (d5 <= d6)
+    out[m] = c[m]
+    m = (d3 >= 0) & (d4 <= d3)
+    out[m] = b[m]
+    m = (d1 <= 0) & (d2 <= 0)
+    out[m] = a[m]
+    return out
+
+
+def closest_points_segments(p1, q1, p2, q2):
+    """Closest points between segment pairs [p1,q1] and [p2,q2] (arrays (N, d)). Returns (c1, c2)."""
+    d1, d2, r = q1 - p1, q2 - p2, p1 - p2
+    a = np.einsum("ij,ij->i", d1, d1)
+    e = np.einsum("ij,ij->i", d2, d2)
+    f = np.einsum("ij,ij->i", d2, r)
+    c = np.einsum("ij,ij->i", d1, r)
+    b = np.einsum("ij,ij->i", d1, d2)
+    denom = a * e - b * b
+    s = np.where(denom > _EPS * np.maximum(a * e, 1.0), (b * f - c * e) / np.where(denom > 0, denom, 1.0), 0.0)
+    s = np.clip(s, 0.0, 1.0)
+    e_safe = np.where(e > _EPS, e, 1.0)
+    a_safe = np.where(a > _EPS, a, 1.0)
+    t = np.where(e > _EPS, (b * s + f) / e_safe, 0.0)
+    lo, hi = t < 0, t > 1
+    t = np.clip(t, 0.0, 1.0)
+    s = np.where(lo, np.clip(-c / a_safe, 0, 1), s)
+    s = np.where(hi, np.clip((b - c) / a_safe, 0, 1), s)
+    s = np.where(a > _EPS, s, 0.0)
+    return p1 + d1 * s[:, None], p2 + d2 * t[:, None]
+
+
+def _tri_pairs(ta: np.ndarray, tb: np.ndarray, upper: float) -> tuple[np.ndarray, np.ndarray]:
+    """Triangle pairs whose bounding spheres come within ``upper`` of each other."""
+    ca, cb = ta.mean(1), tb.mean(1)
+    ra = np.linalg.norm(ta - ca[:, None], axis=2).max(1)
+    rb = np.linalg.norm(tb - cb[:, None], axis=2).max(1)
+    # query from the smaller set with per-triangle radii (large cap triangles stay local)
+    swap = len(cb) > len(ca)
+    small_c, small_r, big_c, big_r = (ca, ra, cb, rb) if swap else (cb, rb, ca, ra)
+    hits = cKDTree(big_c).query_ball_point(small_c, upper + small_r + big_r.max() + 1e-6)
+    lens = np.fromiter((len(h) for h in hits), dtype=np.int64, count=len(hits))
+    s_idx = np.repeat(np.arange(len(small_c)), lens)
+    b_idx = np.fromiter((k for h in hits for k in h), dtype=np.int64, count=int(lens.sum()))
+    i, j = (s_idx, b_idx) if swap else (b_idx, s_idx)
+    d = np.linalg.norm(ca[i] - cb[j], axis=1)
+    keep = d <= upper + ra[i] + rb[j] + 1e-6
+    return i[keep].astype(np.int64), j[keep].astype(np.int64)
+
+
+def surface_distance(a: Surface, b: Surface, chunk: int = 100_000):
+    """Shortest distance between two triangle meshes and its end points.
+
+    Exact for disjoint meshes (the minimum over vertex-triangle pairs both ways and edge-edge
+    pairs of every candidate triangle pair); 0 when they touch. A vertex KD-tree gives an upper
+    bound (nearest vertex pair) and a triangle-centroid KD-tree the candidate pairs within it.
+    Returns ``(dist_mm, point_on_a, point_on_b)``.
+    """
+    va, vb = np.asarray(a.vertices, float), np.asarray(b.vertices, float)
+    d0, j0 = cKDTree(vb).query(va)
+    i0 = int(np.argmin(d0))
+    best = (float(d0[i0]), va[i0], vb[int(j0[i0])])
+    ta, tb = va[np.asarray(a.faces)], vb[np.asarray(b.faces)]
+    ii, jj = _tri_pairs(ta, tb, best[0])
+    for s in range(0, len(ii), chunk):
+        A, B = ta[ii[s:s + chunk]], tb[jj[s:s + chunk]]
+        n = len(A)
+        # vertices of A against triangle B, and vertices of B against triangle A
+        pa = A.reshape(-1, 3)
+        qa = closest_point_on_triangles(pa, *(np.repeat(B[:, k], 3, axis=0) for k in range(3)))
+        pb = B.reshape(-1, 3)
+        qb = closest_point_on_triangles(pb, *(np.repeat(A[:, k], 3, axis=0) for k in range(3)))
+        # edges: 3 x 3 combinations per pair
+        ea = np.stack([A[:, [0, 1]], A[:, [1, 2]], A[:, [2, 0]]], axis=1)  # (n, 3, 2, 3)
+        eb = np.stack([B[:, [0, 1]], B[:, [1, 2]], B[:, [2, 0]]], axis=1)
+        ea = np.repeat(ea, 3, axis=1).reshape(-1, 2, 3)
+        eb = np.tile(eb, (1, 3, 1, 1)).reshape(-1, 2, 3)
+        c1, c2 = closest_points_segments(ea[:, 0], ea[:, 1], eb[:, 0], eb[:, 1])
+        cand_a = np.concatenate([pa, qb, c1])
+        cand_b = np.concatenate([qa, pb, c2])
+        dd = np.linalg.norm(cand_a - cand_b, axis=1)
+        k = int(np.argmin(dd))
+        if dd[k] < best[0]:
+            best = (float(dd[k]), cand_a[k], cand_b[k])
+        del n
+    return best[0], np.asarray(best[1], float), np.asarray(best[2], float)
+
+
+def plane_section(surf: Surface, normal: np.ndarray, offset: float) -> np.ndarray:
+    """Segments (S, 2, 3) where the mesh crosses the plane n.x = offset."""
+    v = np.asarray(surf.vertices, float)
+    sd = v @ normal - offset
+    sd = np.where(sd == 0.0, 1e-9, sd)  # no vertex exactly on the plane
+    fs = sd[surf.faces]
+    pos = fs > 0
+    cross = pos.any(1) & ~pos.all(1)
+    if not cross.any():
+        return np.zeros((0, 2, 3))
+    f = surf.faces[cross]
+    fs = fs[cross]
+    pos = pos[cross]
+    # the odd vertex (alone on its side) and the other two
+    odd_is_pos = pos.sum(1) == 1
+    odd = np.where(odd_is_pos, np.argmax(pos, 1), np.argmin(pos, 1))
+    rows = np.arange(len(f))
+    o = f[rows, odd]
+    a = f[rows, (odd + 1) % 3]
+    b = f[rows, (odd + 2) % 3]
+    so, sa, sb = fs[rows, odd], fs[rows, (odd + 1) % 3], fs[rows, (odd + 2) % 3]
+    pa = v[o] + (v[a] - v[o]) * (so / (so - sa))[:, None]
+    pb = v[o] + (v[b] - v[o]) * (so / (so - sb))[:, None]
+    return np.stack([pa, pb], axis=1)
+
+
+def segments_distance(sa: np.ndarray, sb: np.ndarray, chunk: int = 400_000):
+    """Shortest distance between two segment sets (S, 2, 3) and its end points."""
+    if len(sa) == 0 or len(sb) == 0:
+        return np.inf, None, None
+    ma, mb = sa.mean(1), sb.mean(1)
+    la = np.linalg.norm(sa[:, 1] - sa[:, 0], axis=1).max()
+    lb = np.linalg.norm(sb[:, 1] - sb[:, 0], axis=1).max()
+    d0, _ = cKDTree(mb).query(ma)
+    radius = d0.min() + la + lb + 1e-6
+    ia = np.nonzero(np.isfinite(cKDTree(mb).query(ma, distance_upper_bound=radius)[0]))[0]
+    ib = np.nonzero(np.isfinite(cKDTree(ma).query(mb, distance_upper_bound=radius)[0]))[0]
+    ii, jj = np.meshgrid(ia, ib, indexing="ij")
+    ii, jj = ii.ravel(), jj.ravel()
+    best = (np.inf, None, None)
+    for s in range(0, len(ii), chunk):
+        i, j = ii[s:s + chunk], jj[s:s + chunk]
+        c1, c2 = closest_points_segments(sa[i, 0], sa[i, 1], sb[j, 0], sb[j, 1])
+        dd = np.linalg.norm(c1 - c2, axis=1)
+        k = int(np.argmin(dd))
+        if dd[k] < best[0]:
+            best = (float(dd[k]), c1[k], c2[k])
+    return best
+
+
+def axial_distance(a: Surface, b_list: list[Surface], normal, offsets):
+    """Min over planes of the in-plane contour distance between a and the union of b_list.
+
+    Returns ``(dist_mm, [point_a, point_b], slice_index)``; ``(inf, None, None)`` if no plane cuts
+    both.
+    """
+    normal = np.asarray(normal, float)
+    normal = normal / np.linalg.norm(normal)
+    best = (np.inf, None, None)
+    for k, off in enumerate(np.asarray(offsets, float)):
+        sa = plane_section(a, normal, off)
+        if len(sa) == 0:
+            continue
+        sb = [plane_section(b, normal, off) for b in b_list]
+        sb = np.concatenate(sb) if sb else np.zeros((0, 2, 3))
+        d, pa, pb = segments_distance(sa, sb)
+        if d < best[0]:
+            best = (d, [pa.tolist(), pb.tolist()], k)
+    return best
+
+
+def axial_truth(anatomy, slice_normal, slice_offsets) -> dict:
+    """Per-hip IFS and QFS as measured on acquisition slices (in-plane contour distances).
+
+    Args:
+        anatomy: ``Anatomy`` with surfaces (side, name) for ischial_tuberosity,
+            lesser_trochanter, hamstring_tendon, iliopsoas_tendon.
+        slice_normal: unit normal (world RAS) of the acquisition slices.
+        slice_offsets: n.x of each slice centre (mm).
+    Returns: ``{side: {"ifs_axial_mm", "ifs_axial_points", "ifs_axial_slice", "qfs_axial_mm",
+    "qfs_axial_points", "qfs_axial_slice"}}``; distances are None where no slice cuts both
+    structures. Points: [[x,y,z] on IT / hamstring, [x,y,z] on LT / iliopsoas], world RAS mm.
+    """
+    out = {}
+    sides = sorted({s for s, _ in anatomy.surfaces})
+    for side in sides:
+        srf = {name: anatomy.surfaces.get((side, name)) for name in
+               ("ischial_tuberosity", "lesser_trochanter", "hamstring_tendon", "iliopsoas_tendon")}
+        res = {}
+        for key, a, bs in (("ifs", srf["ischial_tuberosity"], [srf["lesser_trochanter"]]),
+                           ("qfs", srf["hamstring_tendon"], [srf["lesser_trochanter"], srf["iliopsoas_tendon"]])):
+            bs = [b for b in bs if b is not None]
+            if a is None or not bs:
+                d, pts, k = np.inf, None, None
+            else:
+                d, pts, k = axial_distance(a, bs, slice_normal, slice_offsets)
+            res[f"{key}_axial_mm"] = None if not np.isfinite(d) else float(d)
+            res[f"{key}_axial_points"] = pts
+            res[f"{key}_axial_slice"] = None if k is None else int(k)
+        out[side] = res
+    return out

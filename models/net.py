@@ -1,0 +1,56 @@
+"""The segmentation network of ifi-seg, built from its metadata (no code in the weights file).
+
+Architecture: MONAI ``UNet`` with anisotropic strides. Axial hip MRI has fine in-plane pixels
+(0.5-1 mm) and thick slices (3-6 mm); the working grid is ~1 x 1 x 4 mm (see
+``pipeline.grid``), so the first level downsamples in-plane only (stride (2, 2, 1)) and the
+deeper levels isotropically. Measured on 2 CPU cores this is the fastest of the MONAI nets we
+tried (shared/notes/cpu-performance.md) while keeping in-plane detail for the small lesser
+trochanter.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+#: Default architecture description; stored verbatim in every bundle's metadata.
+DEFAULT_ARCHITECTURE: dict = {
+    "name": "UNet",
+    "spatial_dims": 3,
+    "channels": [16, 32, 64, 128],
+    "strides": [[2, 2, 1], [2, 2, 2], [2, 2, 2]],
+    "num_res_units": 2,
+    "norm": "instance",
+    "dropout": 0.0,
+}
+
+
+def divisor(architecture: dict) -> tuple[int, int, int]:
+    """Per-axis factor the input size must be a multiple of (product of the strides)."""
+    out = [1, 1, 1]
+    for s in architecture["strides"]:
+        s = [s] * 3 if isinstance(s, int) else list(s)
+        out = [a * int(b) for a, b in zip(out, s)]
+    return tuple(out)  # type: ignore[return-value]
+
+
+def build_network(architecture: dict | None, in_channels: int, out_channels: int) -> torch.nn.Module:
+    """Instantiate the network described by ``architecture`` (a metadata dict).
+
+    Only architectures this module knows can be built: a bundle is data, never code.
+    """
+    from monai.networks.nets import UNet
+
+    arch = copy.deepcopy(architecture or DEFAULT_ARCHITECTURE)
+    if arch.get("name") != "UNet":
+        raise ValueError(f"unknown architecture {arch.get('name')!r} (this version builds 'UNet')")
+    return UNet(
+        spatial_dims=int(arch.get("spatial_dims", 3)),
+        in_channels=int(in_channels),
+        out_channels=int(out_channels),
+        channels=tuple(int(c) for c in arch["channels"]),
+        strides=tuple(tuple(int(v) for v in s) if not isinstance(s, int) else int(s) for s in arch["strides"]),
+        num_res_units=int(arch.get("num_res_units", 2)),
+        norm=arch.get("norm", "instance"),
+        dropout=float(arch.get("dropout", 0.0)),
+    )

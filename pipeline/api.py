@@ -1,0 +1,360 @@
+"""THE Python API of ifi-seg: one scan (``run_subject``) or a whole cohort (``run_cohort``).
+
+``infer.py`` only parses arguments and calls these. A subject goes
+load -> validate -> segment (or a given label map) -> measure -> write outputs; any failure
+raises ``SubjectError`` naming the stage and giving a one-line reason.
+
+    from pipeline.api import run_subject
+    rec = run_subject({"t1": "t1.nii.gz", "fluid": "stir.nii.gz", "fluid_kind": "stir"}, "out/sub01")
+    rec["hips"]["left"]["ifs_mm"]
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.image import Image, ImageError
+
+#: Input roles of a subject. "fluid" is the fluid-sensitive fat-suppressed series (t2fs or stir).
+ROLES = ("t1", "fluid", "dixon_fat", "dixon_water")
+FLUID_KINDS = ("t2fs", "stir")
+
+
+class SubjectError(RuntimeError):
+    """A subject could not be processed; ``stage`` says where, the message says why (one line)."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+        self.message = " ".join(str(message).split())
+
+
+def sanitize_subject_id(raw) -> str:
+    """A safe folder name for a subject ID: letters, digits, '.', '_' and '-' only; no path
+    separators, no leading dots ('..' cannot escape the output folder)."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", str(raw).strip()).strip("._")
+    if not s:
+        raise ValueError(f"subject ID {raw!r} is empty after removing unsafe characters")
+    return s[:128]
+
+
+def normalise_inputs(inputs: dict) -> dict:
+    """Map user-facing keys onto roles: "t2fs"/"stir" -> "fluid" + fluid_kind; drop empty values."""
+    out = {}
+    fluid_kind = inputs.get("fluid_kind") or None
+    for key, value in inputs.items():
+        if key == "fluid_kind" or value in (None, ""):
+            continue
+        if key in FLUID_KINDS:
+            if "fluid" in out or inputs.get("fluid"):
+                raise SubjectError("input", "give one fluid-sensitive series (t2fs OR stir), not both")
+            out["fluid"], fluid_kind = value, key
+        elif key in ROLES:
+            out[key] = value
+        else:
+            raise SubjectError("input", f"unknown input {key!r}; expected one of {ROLES + FLUID_KINDS}")
+    if "fluid" in out:
+        if fluid_kind is None:
+            params = getattr(out["fluid"], "params", {}) or {}
+            fluid_kind = params.get("_kind") or ("stir" if "stir" in str(out["fluid"]).lower() else "t2fs")
+        if fluid_kind not in FLUID_KINDS:
+            raise SubjectError("input", f"fluid_kind must be one of {FLUID_KINDS}, got {fluid_kind!r}")
+        out["fluid_kind"] = fluid_kind
+    if ("dixon_fat" in out) != ("dixon_water" in out):
+        raise SubjectError("input", "Dixon needs both dixon_fat and dixon_water")
+    if "t1" not in out and "fluid" not in out:
+        raise SubjectError("input", "need a T1 and/or a fluid-sensitive (T2 fat-sat or STIR) image")
+    return out
+
+
+def resolve_label_table(labels_override, label_table=None):
+    """The label table of a given label map: ``label_table`` if given, else a ``.json`` with the
+    same stem beside the label map (the project's convention), else None (project numbering)."""
+    if labels_override in (None, "") or label_table not in (None, ""):
+        return label_table or None
+    path = Path(str(labels_override))
+    sibling = path.with_name(path.name.replace(".nii.gz", "").replace(".nii", "") + ".json")
+    return sibling if sibling.is_file() else None
+
+
+def input_hashes(inputs: dict, labels_override=None, label_table=None) -> dict[str, str]:
+    """sha256 of every input file (DICOM folders: of their files), keyed by role; with a given
+    label map also of it and of its label table."""
+    from pipeline.io import hash_input
+
+    label_table = resolve_label_table(labels_override, label_table)
+    hashes = {}
+    items = [(k, v) for k, v in inputs.items() if k in ROLES]
+    items += [("labels", labels_override), ("label_table", label_table)]
+    for role, value in items:
+        if value in (None, ""):
+            continue
+        try:
+            hashes[role] = hash_input(value)
+        except (ImageError, OSError) as exc:
+            raise SubjectError("load", f"{role}: {exc}") from exc
+    return hashes
+
+
+def model_identity(model=None, path=None) -> dict:
+    """Name, version and weights sha256 of a model (loaded ``SegModel`` or bundle path), without
+    loading the network. Used in provenance and to decide whether a cohort result is current."""
+    from models.bundle import DEFAULT_BUNDLE, bundle_paths
+    from pipeline.io import hash_input
+
+    meta = getattr(model, "meta", None) or {}
+    path = getattr(model, "path", None) or path or DEFAULT_BUNDLE
+    weights, meta_path = bundle_paths(path)
+    if not meta and meta_path.exists():
+        import json
+
+        meta = json.loads(meta_path.read_text())
+    return {
+        "source": "network",
+        "name": meta.get("name", "ifi_seg"),
+        "version": meta.get("version"),
+        "file": weights.name,
+        "sha256": hash_input(weights) if weights.exists() else None,
+        "input_channels": meta.get("input_channels"),
+        "working_spacing_mm": meta.get("working_spacing_mm"),
+        "training": _short_training(meta.get("training")),
+        "metrics": meta.get("metrics"),
+    }
+
+
+def _short_training(training):
+    if not isinstance(training, dict):
+        return training
+    return {k: v for k, v in training.items() if isinstance(v, (str, int, float, bool, type(None)))}
+
+
+def _load_inputs(inputs: dict, max_voxels: int | None, warnings: list[str]) -> dict[str, Image]:
+    from pipeline.io import check_overlap, load_series
+
+    images: dict[str, Image] = {}
+    for role in ROLES:
+        if role not in inputs:
+            continue
+        kind = inputs["fluid_kind"] if role == "fluid" else role
+        try:
+            img = load_series(inputs[role], kind, max_voxels=max_voxels)
+        except ImageError as exc:
+            raise SubjectError("load", f"{role}: {exc}") from exc
+        if role == "fluid":
+            img.meta["fluid_kind"] = kind
+        images[role] = img
+    ref_role = "t1" if "t1" in images else "fluid"
+    for role, img in images.items():
+        if role == ref_role:
+            continue
+        try:
+            w = check_overlap(images[ref_role], img, role)
+        except ImageError as exc:
+            raise SubjectError("validate", str(exc)) from exc
+        if w:
+            warnings.append(w)
+    return images
+
+
+def _input_description(role: str, value, img: Image, sha: str | None) -> dict:
+    import nibabel as nib
+
+    name = value.files[0].parent.name if hasattr(value, "files") else Path(str(value)).name
+    return {
+        "file": name,
+        "sha256": sha,
+        "format": img.meta.get("format", "nifti"),
+        "kind": img.kind,
+        "shape": list(img.shape),
+        "spacing_mm": [round(float(s), 4) for s in img.spacing],
+        "orientation": "".join(nib.aff2axcodes(img.affine)),
+        "sequence": dict(img.meta.get("sequence", {})),
+    }
+
+
+def _load_labels(labels_override, label_table, reference: Image, warnings: list[str]) -> Image:
+    from pipeline.image import load_nifti, resample_like
+    from pipeline.io import load_series
+    from pipeline.labels import read_label_table, remap_to_project
+
+    path = Path(str(labels_override))
+    try:
+        lab = load_nifti(path, "labels") if path.is_file() else load_series(path, "labels", validate=False)
+    except ImageError as exc:
+        raise SubjectError("labels", str(exc)) from exc
+    table_path = resolve_label_table(labels_override, label_table)
+    if table_path is not None:
+        try:
+            table = read_label_table(table_path)
+        except (OSError, ValueError) as exc:
+            raise SubjectError("labels", f"label table {table_path}: {exc}") from exc
+        lab = lab.with_array(remap_to_project(lab.array, table), kind="labels")
+    same_grid = lab.shape == reference.shape and np.allclose(lab.affine, reference.affine, atol=1e-3)
+    if not same_grid:
+        from pipeline.image import overlap_fraction
+
+        if max(overlap_fraction(reference, lab), overlap_fraction(lab, reference)) < 0.2:
+            raise SubjectError("labels", "label map grid does not overlap the reference image")
+        warnings.append("label map is not on the reference grid: resampled (nearest neighbour)")
+        lab = resample_like(lab, reference, order=0)
+    return Image(np.asarray(lab.array, dtype=np.uint8), reference.affine.copy(), "labels", {})
+
+
+def run_subject(inputs: dict, out_dir, *, model=None, config=None, subject=None, labels_override=None,
+                label_table=None, write_dicom_seg: bool = False, include_identifiers: bool = False,
+                device: str = "auto", model_path=None, max_voxels: int | None = None,
+                hashes: dict | None = None) -> dict:
+    """Process one subject and write its outputs into ``out_dir``.
+
+    Args:
+        inputs: role -> path (NIfTI file, DICOM series folder or ``pipeline.io.SeriesInfo``):
+            "t1", "fluid" (+ "fluid_kind": "t2fs"|"stir"; or give "t2fs"/"stir" directly),
+            "dixon_fat" + "dixon_water".
+        out_dir: folder for labels.nii.gz, labels.json, qc.png, measurements.json (written last).
+        model: a loaded ``pipeline.segment.SegModel``; loaded from ``model_path`` (default: the
+            bundled model) on ``device`` when needed and not given.
+        config: ``pipeline.config.MeasureConfig`` (default cut-offs when None).
+        subject: ID recorded in the outputs (default: the output folder name).
+        labels_override: a label map (NIfTI) to measure instead of segmenting (manual
+            segmentations); ``label_table`` its JSON name -> value table (default: a ``.json``
+            beside it, else the project's numbering).
+        write_dicom_seg: also write ``labels.seg.dcm`` when the reference input is DICOM.
+        include_identifiers: copy identifying DICOM fields (patient name, ID, ...) into
+            measurements.json. Off by default.
+        max_voxels: memory guard for each input (default ``pipeline.image.MAX_VOXELS``).
+        hashes: precomputed input hashes (the cohort runner has them already).
+
+    Returns:
+        The ``measurements.json`` record (the measure contract + "subject" + "provenance").
+
+    Raises:
+        SubjectError: with ``.stage`` in input/load/validate/model/labels/segment/measure/write.
+    """
+    from pipeline import __version__
+    from pipeline.config import MeasureConfig
+
+    t_start = time.perf_counter()
+    timings: dict = {"started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    out_dir = Path(out_dir)
+    subject = str(subject) if subject is not None else out_dir.name
+    config = config or MeasureConfig()
+    inputs = normalise_inputs(inputs)
+    warnings: list[str] = []
+    if hashes is None:
+        hashes = input_hashes(inputs, labels_override, label_table)
+
+    t0 = time.perf_counter()
+    images = _load_inputs(inputs, max_voxels, warnings)
+    ref_role = "t1" if "t1" in images else "fluid"
+    reference = images[ref_role]
+    timings["load_s"] = time.perf_counter() - t0
+
+    seg_info: dict = {}
+    t0 = time.perf_counter()
+    if labels_override is not None:
+        labels = _load_labels(labels_override, label_table, reference, warnings)
+        model_info = {"source": "labels", "file": Path(str(labels_override)).name,
+                      "sha256": hashes.get("labels"), "label_table_sha256": hashes.get("label_table")}
+        stage = "labels"
+    else:
+        from pipeline.segment import segment
+
+        if model is None:
+            model = load_model_or_fail(model_path, device)
+        try:
+            seg = segment(images, model, reference=ref_role)
+        except ImageError as exc:
+            raise SubjectError("segment", str(exc)) from exc
+        except Exception as exc:
+            raise SubjectError("segment", f"{type(exc).__name__}: {exc}") from exc
+        labels = seg.labels
+        if labels.shape != reference.shape or not np.allclose(labels.affine, reference.affine, atol=1e-4):
+            raise SubjectError("segment", "segmentation is not on the reference grid (internal error)")
+        labels = Image(np.asarray(labels.array, dtype=np.uint8), reference.affine.copy(), "labels", {})
+        seg_info = {"confidence": dict(seg.confidence), "warnings": list(seg.warnings),
+                    "timings": {k: float(v) for k, v in seg.timings.items()}}
+        warnings += [f"segmentation: {w}" for w in seg.warnings]
+        model_info = model_identity(model)
+        stage = "segment"
+    timings["segment_s"] = time.perf_counter() - t0
+    _require_hip_structures(labels, stage)
+
+    from pipeline.measure import measure_hips
+
+    t0 = time.perf_counter()
+    try:
+        result = measure_hips(labels, images, config=config)
+    except ImageError as exc:
+        raise SubjectError("measure", str(exc)) from exc
+    except Exception as exc:
+        raise SubjectError("measure", f"{type(exc).__name__}: {exc}") from exc
+    timings["measure_s"] = time.perf_counter() - t0
+
+    inputs_desc = {role: _input_description(role, inputs[role], img, hashes.get(role))
+                   for role, img in images.items()}
+    provenance = {
+        "tool": "ifi-seg",
+        "tool_version": __version__,
+        "python": platform.python_version(),
+        "model": model_info,
+        "reference": ref_role,
+        "inputs": inputs_desc,
+        "input_sha256": dict(hashes),
+        "segmentation": seg_info,
+        "warnings": warnings,
+        "timings": timings,
+    }
+    if include_identifiers:
+        provenance["identifiers"] = {role: img.meta.get("identifiers", {}) for role, img in images.items()}
+    record = {"subject": subject, **result, "provenance": provenance}
+
+    display = images.get("t1") or images.get("fluid")
+    seg_source = reference if write_dicom_seg and reference.meta.get("format") == "dicom" else None
+    if write_dicom_seg and seg_source is None:
+        warnings.append("DICOM SEG not written: the reference input is not DICOM")
+    timings["total_s"] = time.perf_counter() - t_start   # up to writing the outputs
+    try:
+        from pipeline.report import write_subject_outputs
+
+        write_subject_outputs(out_dir, record, labels, display, dicom_seg_source=seg_source)
+    except OSError as exc:
+        raise SubjectError("write", f"{type(exc).__name__}: {exc}") from exc
+    return record
+
+
+def load_model_or_fail(model_path=None, device: str = "auto"):
+    """``pipeline.segment.load_model`` with a one-line ``SubjectError('model', ...)`` on failure."""
+    from pipeline.segment import load_model
+
+    try:
+        return load_model(model_path, device=device)
+    except FileNotFoundError as exc:
+        raise SubjectError("model", str(exc)) from exc
+    except Exception as exc:
+        raise SubjectError("model", f"cannot load model ({type(exc).__name__}: {exc})") from exc
+
+
+def _require_hip_structures(labels: Image, stage: str) -> None:
+    """Refuse to measure a label map without hip structures (wrong anatomy, empty map)."""
+    from pipeline.labels import LABELS, REQUIRED_FOR_IFS, REQUIRED_FOR_QFS
+
+    present = set(np.unique(labels.array).tolist())
+    needed = set(REQUIRED_FOR_IFS) | set(REQUIRED_FOR_QFS) | {"quadratus_femoris"}
+    if not any(LABELS[n] in present for n in needed):
+        raise SubjectError(stage, "no hip structures found (no ischial tuberosity, lesser trochanter, "
+                                  "hamstring tendon or quadratus femoris): not a hip/pelvis MRI, or the "
+                                  "field of view misses the hips")
+
+
+def run_cohort(manifest, out_dir, *, workers: int = 1, engine: str = "local", ray_address=None,
+               force: bool = False, quiet: bool = False, **options) -> dict:
+    """Process every subject of a manifest CSV; see ``pipeline.cohort.run_cohort`` for options."""
+    from pipeline.cohort import run_cohort as _run
+
+    return _run(manifest, out_dir, workers=workers, engine=engine, ray_address=ray_address,
+                force=force, quiet=quiet, **options)

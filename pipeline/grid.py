@@ -1,0 +1,196 @@
+"""Put the available sequences on ONE working grid in world coordinates, and back again.
+
+Working grid
+    Reference = the T1 image if present, else the fluid-sensitive one. Its affine is reoriented
+    to the closest RAS axes (``reorient_to_ras``: a permutation/flip, no interpolation), then
+    its voxel size is changed to the model's working spacing (default 1.0 x 1.0 x 4.0 mm along
+    R, A, S) while keeping the reference's field of view *exactly*: the number of voxels per axis
+    is ``round(extent / spacing)`` and the spacing is adjusted so the outer voxel faces of both
+    grids coincide. Orientation (even oblique) is that of the reoriented reference.
+
+    Why 1 x 1 x 4 mm: axial hip MRI is 0.5-1 mm in-plane with 3-6 mm slices. 1 mm in-plane keeps
+    the lesser trochanter (15-20 mm) at 15-20 voxels; a fixed 4 mm through-plane spacing is the
+    middle of clinical slice thicknesses, gives the network one geometry to learn, and keeps a
+    320 x 320 x 40 bilateral scan at ~0.4 x 0.4 x 0.04 = 6 M voxels (a one-second CPU pass).
+
+Every channel is resampled (trilinear, in world coordinates) onto the working grid, so the
+second sequence may have any orientation, resolution or field of view. A missing channel is
+zeros and flagged absent (the network was trained with channel dropout for that case).
+
+Back to the reference grid
+    Because the working grid shares the reoriented reference's field of view, the map back is a
+    pure per-axis rescaling: ``torch.nn.functional.interpolate(..., align_corners=False)`` on the
+    class probabilities, then ``undo_reorient``. The resulting label map has the reference
+    image's exact shape and affine.
+
+Normalisation (robust to scanner scaling): per channel, ``lo`` = 1st percentile of all voxels
+(the air level), ``hi`` = 99.5th percentile of the voxels brighter than ``lo + 5 %`` of the
+range (the body); ``(x - lo) / (hi - lo)`` clipped to [0, 1.5]. Invariant to any positive
+linear rescaling of the input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.image import Image, ImageError, resample_to_grid, undo_reorient, validate_intensity_image
+
+#: Working voxel size (mm) along the reoriented R, A, S axes.
+DEFAULT_SPACING = (1.0, 1.0, 4.0)
+
+#: The normalisation recipe; copied into model metadata so training and inference agree.
+NORMALISATION = {"method": "percentile", "lower_pct": 1.0, "upper_pct": 99.5,
+                 "body_fraction": 0.05, "clip": [0.0, 1.5]}
+
+#: Image dict keys that feed the "fluid" channel (the fluid-sensitive fat-suppressed series).
+FLUID_KEYS = ("fluid", "t2fs", "stir")
+
+
+@dataclass
+class WorkingGrid:
+    """Geometry of the working grid and how to map arrays on it back to the reference grid."""
+
+    reference: str                 # which input was the reference ("t1" or "fluid")
+    ref_shape: tuple               # original reference image shape
+    ref_affine: np.ndarray         # original reference affine
+    ornt: np.ndarray               # nibabel orientation used by reorient_to_ras
+    ras_shape: tuple               # reference shape after reorientation
+    ras_affine: np.ndarray         # reference affine after reorientation
+    shape: tuple                   # working grid shape
+    affine: np.ndarray             # working grid affine
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Actual working voxel size in mm."""
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+
+    def to_reference(self, volume, mode: str = "trilinear") -> np.ndarray:
+        """Map a (C, *shape) array (torch or numpy) on the working grid to (C, *ref_shape).
+
+        ``mode`` "trilinear" for probabilities/logits, "nearest" for labels (then
+        ``nearest-exact`` is used so sampling follows voxel centres).
+        """
+        import torch
+        import torch.nn.functional as F
+
+        t = torch.as_tensor(volume)
+        if t.ndim != 4 or tuple(t.shape[1:]) != tuple(self.shape):
+            raise ValueError(f"expected (C, {self.shape}), got {tuple(t.shape)}")
+        if mode == "nearest":
+            out = F.interpolate(t[None].float(), size=self.ras_shape, mode="nearest-exact")[0]
+            out = out.to(t.dtype)
+        else:
+            out = F.interpolate(t[None].float(), size=self.ras_shape, mode="trilinear",
+                                align_corners=False)[0]
+        arr = out.numpy()
+        return np.stack([undo_reorient(a, self.ornt) for a in arr]) if len(arr) else arr
+
+
+@dataclass
+class GridInputs:
+    """The network input on the working grid."""
+
+    array: np.ndarray              # (C, *grid.shape) float32, normalised; absent channels zero
+    grid: WorkingGrid
+    channels: list[str]            # channel names in order
+    present: dict[str, bool]       # which channels came from a real image
+    warnings: list[str] = field(default_factory=list)
+
+
+def make_working_grid(ref: Image, spacing=DEFAULT_SPACING, reference: str = "t1") -> WorkingGrid:
+    """Working grid over ``ref``'s field of view with (approximately) ``spacing`` mm voxels."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(ref.affine)
+    ras_affine = ref.affine @ nib.orientations.inv_ornt_aff(ornt, ref.shape)
+    perm = ornt[:, 0].astype(int)
+    ras_shape = [0, 0, 0]
+    for src_axis, dst_axis in enumerate(perm):
+        ras_shape[dst_axis] = ref.shape[src_axis]
+    ras_shape = tuple(ras_shape)
+    ras_spacing = np.sqrt((ras_affine[:3, :3] ** 2).sum(axis=0))
+    extent = np.asarray(ras_shape) * ras_spacing
+    shape = tuple(max(2, int(round(e / s))) for e, s in zip(extent, spacing))
+    # continuous ras voxel coordinate of working voxel j: i = (j + 0.5) * n/m - 0.5
+    scale = np.asarray(ras_shape, dtype=float) / np.asarray(shape, dtype=float)
+    vox = np.eye(4)
+    vox[:3, :3] = np.diag(scale)
+    vox[:3, 3] = 0.5 * scale - 0.5
+    return WorkingGrid(reference, ref.shape, ref.affine.copy(), ornt, ras_shape, ras_affine,
+                       shape, ras_affine @ vox)
+
+
+def normalise(array: np.ndarray, recipe: dict = NORMALISATION) -> np.ndarray:
+    """Robust per-channel intensity normalisation (see module docstring); float32 output."""
+    a = np.asarray(array, dtype=np.float32)
+    sample = a.ravel()[:: max(1, a.size // 2_000_000)]
+    lo = float(np.percentile(sample, recipe["lower_pct"]))
+    top = float(np.percentile(sample, 99.9))
+    body = sample[sample > lo + recipe["body_fraction"] * (top - lo)]
+    hi = float(np.percentile(body, recipe["upper_pct"])) if body.size else top
+    if hi <= lo:
+        return np.zeros_like(a)
+    out = (a - lo) / (hi - lo)
+    np.clip(out, recipe["clip"][0], recipe["clip"][1], out=out)
+    return out
+
+
+def _pick(images: dict, names) -> tuple[str, Image] | tuple[None, None]:
+    for n in names:
+        if images.get(n) is not None:
+            return n, images[n]
+    return None, None
+
+
+def prepare_inputs(images: dict, channels=("t1", "fluid"), spacing=DEFAULT_SPACING,
+                   reference: str | None = None, recipe: dict = NORMALISATION) -> GridInputs:
+    """Resample and normalise the available sequences onto one working grid.
+
+    Args:
+        images: name -> Image; "t1" and/or "fluid" (also accepted: "t2fs", "stir").
+            Other keys (e.g. Dixon) are ignored with a warning if they are not channels.
+        channels: the model's input channel names, in order.
+        spacing: working voxel size in mm.
+        reference: which image defines the grid (default: "t1" if present else "fluid").
+    """
+    warnings: list[str] = []
+    chan_imgs: dict[str, Image | None] = {}
+    for c in channels:
+        key, img = _pick(images, FLUID_KEYS if c == "fluid" else (c,))
+        chan_imgs[c] = img
+        if img is not None:
+            validate_intensity_image(img, key)
+    if not any(v is not None for v in chan_imgs.values()):
+        raise ImageError(f"no usable input: need at least one of {list(channels)}; got {sorted(images)}")
+    unused = sorted(k for k, v in images.items()
+                    if v is not None and k not in channels and not (k in FLUID_KEYS and "fluid" in channels))
+    if unused:
+        warnings.append(f"inputs not used by the network: {', '.join(unused)}")
+    if reference is None:
+        reference = next(c for c in ("t1", "fluid", *channels) if chan_imgs.get(c) is not None)
+    key, ref = _pick(images, FLUID_KEYS if reference == "fluid" else (reference,))
+    if ref is None:
+        raise ImageError(f"reference image {reference!r} not among the inputs {sorted(images)}")
+    if ref.kind == "labels":
+        raise ImageError("the reference must be an intensity image")
+    grid = make_working_grid(ref, spacing, reference)
+    arr = np.zeros((len(channels), *grid.shape), dtype=np.float32)
+    present = {}
+    for ci, c in enumerate(channels):
+        img = chan_imgs[c]
+        present[c] = img is not None
+        if img is None:
+            warnings.append(f"{c} missing: network runs on the other channel(s) only")
+            continue
+        res = resample_to_grid(img, grid.shape, grid.affine, order=1)
+        inside = res.array != 0
+        if img is not ref and inside.mean() < 0.5 * (np.asarray(ref.array) != 0).mean():
+            warnings.append(f"{c} covers only part of the reference field of view")
+        arr[ci] = normalise(res.array, recipe)
+    return GridInputs(arr, grid, list(channels), present, warnings)
+
+
+def labels_to_grid(labels: Image, grid: WorkingGrid) -> np.ndarray:
+    """Nearest-neighbour resample of a label map (any grid) onto the working grid (uint8)."""
+    return resample_to_grid(labels, grid.shape, grid.affine, order=0).array.astype(np.uint8)

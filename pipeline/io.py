@@ -1,0 +1,540 @@
+"""Reading scans: NIfTI files and DICOM series, into world-aware ``Image`` objects.
+
+DICOM geometry is rebuilt from the headers, never from file names or InstanceNumber:
+slices are sorted by their position along the slice normal (cross product of the two
+ImageOrientationPatient direction cosines), and the voxel -> patient affine built from
+ImagePositionPatient / ImageOrientationPatient / PixelSpacing is converted from DICOM's LPS to
+the project's RAS. The array axes are (column, row, slice), the same convention as dcm2niix.
+
+Series that cannot be represented by one affine (varying slice spacing, gantry tilt, several
+volumes at the same positions, mixed orientations) are rejected with a one-line ``ImageError``.
+Only non-identifying sequence parameters are kept in ``Image.meta["sequence"]``; identifying
+header fields are collected separately in ``meta["identifiers"]`` and written out only on request.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.image import Image, ImageError, load_nifti, overlap_fraction, validate_intensity_image
+
+#: Non-identifying DICOM attributes kept as sequence provenance.
+SEQUENCE_TAGS = (
+    "Modality", "SeriesDescription", "ScanningSequence", "SequenceVariant", "ScanOptions",
+    "RepetitionTime", "EchoTime", "InversionTime", "MagneticFieldStrength", "FlipAngle",
+    "SliceThickness", "SpacingBetweenSlices", "ImageType", "Manufacturer", "SeriesNumber",
+)
+#: Identifying attributes: never written to outputs unless the user asks (include_identifiers).
+IDENTIFYING_TAGS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "AccessionNumber",
+    "InstitutionName", "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName",
+    "OperatorsName", "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "StudyTime",
+    "StudyID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "StationName",
+    "DeviceSerialNumber", "OtherPatientIDs",
+)
+#: DICOM LPS <-> NIfTI RAS (its own inverse).
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+INTENSITY_KINDS = ("t1", "t2fs", "stir", "dixon_fat", "dixon_water")
+# Tolerances for "one regular grid"
+_SPACING_RTOL = 0.02      # slice spacing may vary by 2 % (+0.05 mm) before a series is rejected
+_SPACING_ATOL = 0.05
+_TILT_TOL_DEG = 0.5       # slice stack direction vs slice normal
+_ORIENT_TOL = 1e-3
+
+
+@dataclass
+class SeriesInfo:
+    """One DICOM series found in a study folder (headers only; pixels are read by load_series).
+
+    ``params`` holds the non-identifying sequence parameters (``SEQUENCE_TAGS``).
+    """
+
+    uid: str
+    files: list[Path]
+    params: dict = field(default_factory=dict)
+    n_slices: int = 0
+    orientation: str = "?"   # "axial", "coronal", "sagittal", "oblique" from the slice normal
+    number: int | None = None
+
+    @property
+    def description(self) -> str:
+        return str(self.params.get("SeriesDescription", "") or "")
+
+    def summary(self) -> str:
+        """A one-line human description, without identifiers except the series UID."""
+        p = self.params
+        bits = [f"#{self.number}" if self.number is not None else "#?", repr(self.description),
+                f"{self.n_slices} files", self.orientation]
+        for key, short in (("RepetitionTime", "TR"), ("EchoTime", "TE"), ("InversionTime", "TI")):
+            if p.get(key) is not None:
+                bits.append(f"{short}={p[key]:g}")
+        if p.get("ScanOptions"):
+            bits.append(f"opts={p['ScanOptions']}")
+        return " ".join(bits) + f" uid={self.uid}"
+
+
+# ----------------------------------------------------------------------------------------------
+# generic entry points
+# ----------------------------------------------------------------------------------------------
+def is_nifti(path: str | Path) -> bool:
+    """True when ``path`` names a NIfTI file by extension."""
+    name = str(path).lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def load_series(path, kind: str | None = None, *, series_uid: str | None = None,
+                validate: bool = True, max_voxels: int | None = None) -> Image:
+    """Load one scan as an ``Image`` (world RAS mm).
+
+    Args:
+        path: a NIfTI file, a folder holding exactly one DICOM series (or ``series_uid`` to pick
+            one), or a ``SeriesInfo`` from ``find_series``. A single DICOM file is read on its
+            own, so it is refused unless it is a multi-frame volume (not supported either: one
+            clear message).
+        kind: "t1", "t2fs", "stir", "dixon_fat", "dixon_water" or "labels".
+        series_uid: choose one series when the folder holds several.
+        validate: run ``validate_intensity_image`` on intensity kinds.
+        max_voxels: memory guard (defaults to ``pipeline.image.MAX_VOXELS``); checked from the
+            header before the pixels are read where possible.
+
+    Raises:
+        ImageError: with a one-line reason.
+    """
+    if isinstance(path, SeriesInfo):
+        img = _load_dicom_files(path.files, kind, max_voxels)
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise ImageError(f"{path}: file not found")
+        if path.is_dir():
+            img = load_dicom_series(path, kind, series_uid=series_uid, max_voxels=max_voxels)
+        elif is_nifti(path):
+            _nifti_size_guard(path, max_voxels)
+            img = load_nifti(path, kind)
+        elif _looks_like_dicom(path):
+            img = _load_dicom_files([path], kind, max_voxels)
+        else:
+            raise ImageError(f"{path}: neither NIfTI (.nii/.nii.gz) nor DICOM")
+    if kind is not None:
+        img.kind = kind
+    if validate and kind in INTENSITY_KINDS:
+        src = path.files[0].parent if isinstance(path, SeriesInfo) else path
+        _validate(img, f"{kind} ({src})", max_voxels)
+    return img
+
+
+def _validate(img: Image, name: str, max_voxels: int | None) -> None:
+    import pipeline.image as pim
+
+    if max_voxels is not None and img.array.size > max_voxels:
+        raise ImageError(f"{name}: {img.array.size} voxels exceeds the memory guard of {max_voxels}")
+    pim.validate_intensity_image(img, name)
+
+
+def _nifti_size_guard(path: Path, max_voxels: int | None) -> None:
+    """Refuse an oversized NIfTI from its header alone (before allocating its data)."""
+    import nibabel as nib
+    import pipeline.image as pim
+
+    limit = max_voxels if max_voxels is not None else pim.MAX_VOXELS
+    try:
+        shape = nib.load(str(path)).shape
+    except Exception as exc:
+        raise ImageError(f"{path}: cannot read NIfTI ({type(exc).__name__}: {exc})") from exc
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 0
+    if n > limit:
+        raise ImageError(f"{path}: {n} voxels (shape {tuple(shape)}) exceeds the memory guard of {limit}")
+
+
+def hash_input(path) -> str:
+    """sha256 of an input: the file's bytes, or for a DICOM folder / SeriesInfo the sorted
+    (file name, file sha256) list of its files. Used to decide whether a result is up to date."""
+    if isinstance(path, SeriesInfo):
+        files = sorted(path.files)
+        base = files[0].parent if files else Path(".")
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise ImageError(f"{path}: file not found")
+        if path.is_file():
+            return _sha256_file(path)
+        base = path
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{os.path.relpath(f, base)}\0{_sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_overlap(reference: Image, other: Image, name: str, *, reject_below: float = 0.2,
+                  warn_below: float = 0.8) -> str | None:
+    """Check two sequences cover the same anatomy (world-coordinate grid overlap).
+
+    The larger of the two directional overlap fractions is used, so a small-FOV hip series inside
+    a pelvis T1 passes. Raises ``ImageError`` when they (almost) do not overlap; returns a warning
+    string when they overlap only partly, else None.
+    """
+    frac = max(overlap_fraction(reference, other), overlap_fraction(other, reference))
+    if frac < reject_below:
+        raise ImageError(f"{name}: grid does not overlap the reference image "
+                         f"({frac:.0%} of voxels shared; different scans or a broken affine?)")
+    if frac < warn_below:
+        return f"{name}: only {frac:.0%} of its grid overlaps the reference image"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# DICOM
+# ----------------------------------------------------------------------------------------------
+def _looks_like_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".ima")
+
+
+def _read_headers(folder: Path) -> dict[str, list[tuple[Path, object]]]:
+    """Series UID -> [(file, header dataset)] for every DICOM image file under ``folder``."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    groups: dict[str, list] = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if f.name.upper() == "DICOMDIR" or f.name.startswith("."):
+            continue
+        try:
+            ds = pydicom.dcmread(str(f), stop_before_pixels=True)
+        except InvalidDicomError:
+            continue  # not DICOM: README, thumbnails, ...
+        except Exception as exc:
+            raise ImageError(f"{f}: unreadable DICOM header ({type(exc).__name__}: {exc})") from exc
+        if "ImagePositionPatient" not in ds and "PerFrameFunctionalGroupsSequence" not in ds:
+            continue  # not an image (structured report, presentation state, ...)
+        groups.setdefault(str(ds.get("SeriesInstanceUID", "") or "no-uid"), []).append((f, ds))
+    return groups
+
+
+def _sequence_params(ds) -> dict:
+    out = {}
+    for tag in SEQUENCE_TAGS:
+        if tag not in ds:
+            continue
+        val = ds.get(tag)
+        if val is None or val == "":
+            continue
+        out[tag] = _plain(val)
+    return out
+
+
+def _plain(val):
+    """A DICOM value as JSON-friendly Python (float, int, str, list)."""
+    from pydicom.multival import MultiValue
+    from pydicom.valuerep import DSfloat, IS, PersonName
+
+    if isinstance(val, (MultiValue, list, tuple)):
+        return [_plain(v) for v in val]
+    if isinstance(val, DSfloat):
+        return float(val)
+    if isinstance(val, IS):
+        return int(val)
+    if isinstance(val, PersonName):
+        return str(val)
+    if isinstance(val, (int, float, str)):
+        return val
+    return str(val)
+
+
+def _identifiers(ds) -> dict:
+    return {t: _plain(ds.get(t)) for t in IDENTIFYING_TAGS if t in ds and ds.get(t) not in (None, "")}
+
+
+def _orientation_name(normal: np.ndarray) -> str:
+    axis = int(np.argmax(np.abs(normal)))
+    if abs(normal[axis]) < 0.8:
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+def find_series(study_dir: str | Path) -> list[SeriesInfo]:
+    """List the image series under a DICOM study folder (recursively), from headers only.
+
+    Returns them ordered by series number. Files that are not DICOM are skipped.
+    """
+    study_dir = Path(study_dir)
+    if not study_dir.is_dir():
+        raise ImageError(f"{study_dir}: not a folder")
+    infos = []
+    for uid, items in _read_headers(study_dir).items():
+        ds = items[0][1]
+        params = _sequence_params(ds)
+        orientation = "?"
+        iop = ds.get("ImageOrientationPatient")
+        if iop is not None and len(iop) == 6:
+            normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
+            orientation = _orientation_name(normal)
+        number = ds.get("SeriesNumber")
+        infos.append(SeriesInfo(uid=uid, files=[f for f, _ in items], params=params,
+                                n_slices=len(items), orientation=orientation,
+                                number=int(number) if number not in (None, "") else None))
+    infos.sort(key=lambda s: (s.number if s.number is not None else 10**9, s.uid))
+    return infos
+
+
+def load_dicom_series(folder: str | Path, kind: str | None = None, *, series_uid: str | None = None,
+                      max_voxels: int | None = None) -> Image:
+    """Load the DICOM series in ``folder`` (or the one with ``series_uid``) as an ``Image``."""
+    folder = Path(folder)
+    groups = _read_headers(folder)
+    if not groups:
+        raise ImageError(f"{folder}: no DICOM image files found")
+    if series_uid is not None:
+        if series_uid not in groups:
+            raise ImageError(f"{folder}: series {series_uid} not found (found {len(groups)} series)")
+        files = [f for f, _ in groups[series_uid]]
+    elif len(groups) > 1:
+        descs = "; ".join(f"{uid} ({len(v)} files, {v[0][1].get('SeriesDescription', '')!s})"
+                          for uid, v in groups.items())
+        raise ImageError(f"{folder}: holds {len(groups)} series, choose one (series UID): {descs}")
+    else:
+        files = [f for f, _ in next(iter(groups.values()))]
+    return _load_dicom_files(files, kind, max_voxels)
+
+
+def _load_dicom_files(files: list[Path], kind: str | None, max_voxels: int | None) -> Image:
+    import pydicom
+    import pipeline.image as pim
+
+    where = files[0].parent if files else Path("?")
+    datasets = []
+    for f in files:
+        try:
+            datasets.append(pydicom.dcmread(str(f), stop_before_pixels=True))
+        except Exception as exc:
+            raise ImageError(f"{f}: unreadable DICOM ({type(exc).__name__}: {exc})") from exc
+    first = datasets[0]
+    if int(first.get("NumberOfFrames", 1) or 1) > 1:
+        raise ImageError(f"{files[0]}: multi-frame DICOM ({int(first.get('NumberOfFrames'))} frames) is not supported; convert it to NIfTI "
+                         "(e.g. dcm2niix) or export classic single-frame images")
+    if len(datasets) < 2:
+        raise ImageError(f"{files[0]}: a single slice; a 3D series of >= 2 slices is needed "
+                         "(give the series folder, not one file)")
+    for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
+        missing = [f.name for f, ds in zip(files, datasets) if key not in ds]
+        if missing:
+            raise ImageError(f"{where}: {len(missing)} file(s) lack {key} (e.g. {missing[0]}); cannot place slices")
+
+    iop = np.asarray(first.ImageOrientationPatient, dtype=float)
+    for f, ds in zip(files, datasets):
+        if np.abs(np.asarray(ds.ImageOrientationPatient, float) - iop).max() > _ORIENT_TOL:
+            raise ImageError(f"{where}: slices have different orientations ({f.name}); "
+                             "more than one stack in the series (localiser?)")
+        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
+            raise ImageError(f"{where}: slices have different sizes ({f.name}: {ds.Rows}x{ds.Columns} "
+                             f"vs {first.Rows}x{first.Columns})")
+        if np.abs(np.asarray(ds.PixelSpacing, float) - np.asarray(first.PixelSpacing, float)).max() > 1e-4:
+            raise ImageError(f"{where}: slices have different pixel spacings ({f.name})")
+
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    if abs(np.linalg.norm(normal) - 1) > 0.01:
+        raise ImageError(f"{where}: ImageOrientationPatient is not two orthonormal directions")
+    positions = np.array([np.asarray(ds.ImagePositionPatient, float) for ds in datasets])
+    dist = positions @ normal
+    order = np.argsort(dist, kind="stable")
+    dist, positions = dist[order], positions[order]
+    datasets = [datasets[i] for i in order]
+    files = [files[i] for i in order]
+
+    steps = np.diff(dist)
+    if np.any(steps < 1e-3):
+        n_unique = len(np.unique(np.round(dist, 3)))
+        raise ImageError(f"{where}: {len(dist)} slices at only {n_unique} distinct positions "
+                         "(several echoes/time points/volumes in one series); split them first")
+    spacing = float(np.median(steps))
+    if np.any(np.abs(steps - spacing) > _SPACING_RTOL * spacing + _SPACING_ATOL):
+        raise ImageError(f"{where}: inconsistent slice spacing ({steps.min():.3g}-{steps.max():.3g} mm); "
+                         "missing slices or a mixed series")
+    stack = positions[-1] - positions[0]
+    cos_tilt = abs(float(stack @ normal)) / max(np.linalg.norm(stack), 1e-9)
+    tilt = np.degrees(np.arccos(np.clip(cos_tilt, -1, 1)))
+    if tilt > _TILT_TOL_DEG:
+        raise ImageError(f"{where}: gantry tilt / sheared stack of {tilt:.1f} degrees is not supported; "
+                         "resample it (e.g. dcm2niix) first")
+
+    rows, cols, n = int(first.Rows), int(first.Columns), len(datasets)
+    limit = max_voxels if max_voxels is not None else pim.MAX_VOXELS
+    if rows * cols * n > limit:
+        raise ImageError(f"{where}: {rows * cols * n} voxels exceeds the memory guard of {limit}")
+
+    volume = np.empty((cols, rows, n), dtype=np.float32)
+    for k, f in enumerate(files):
+        try:
+            ds = pydicom.dcmread(str(f))
+            arr = ds.pixel_array
+        except Exception as exc:
+            raise ImageError(f"{f}: cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
+        if arr.ndim != 2:
+            raise ImageError(f"{f}: pixel data has shape {arr.shape}; expected one 2D slice (colour or multi-frame?)")
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        volume[:, :, k] = (arr.astype(np.float32) * slope + intercept).T
+
+    ps = np.asarray(first.PixelSpacing, float)   # (between rows, between columns)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * ps[1]   # array axis 0 = column index: moves along a row
+    lps[:3, 1] = col_dir * ps[0]   # array axis 1 = row index
+    lps[:3, 2] = stack / (n - 1)
+    lps[:3, 3] = positions[0]
+    affine = LPS_TO_RAS @ lps
+    meta = {
+        "source": str(where),
+        "format": "dicom",
+        "series_uid": str(first.get("SeriesInstanceUID", "")),
+        "sequence": _sequence_params(first),
+        "identifiers": _identifiers(first),
+        "dicom_files": [str(f) for f in files],   # slice order, for DICOM SEG
+    }
+    return Image(volume, affine, kind, meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# series classification
+# ----------------------------------------------------------------------------------------------
+_FS_WORDS = re.compile(r"(\bfs\b|_fs\b|\bfs_|fat[ _-]?sat|fatsat|\bspair\b|\bspir\b|\bchess\b|fat[ _-]?supp|\bfsat\b|"
+                       r"[ _]fs$|\bfs[ _])")
+_STIR_WORDS = re.compile(r"(stir|tirm|\bir[ _-]?fse\b)")
+_DIXON_WORDS = re.compile(r"(dixon|\bideal\b|\bflex\b|\bmdixon\b|\bdix\b)")
+
+
+def _num(params: dict, key: str) -> float | None:
+    v = params.get(key)
+    if isinstance(v, list):
+        v = v[0] if v else None
+    try:
+        return float(v) if v not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _tokens(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v).upper() for v in value]
+    return [t for t in re.split(r"[\\/ ,]+", str(value).upper()) if t]
+
+
+def classify_series(info: SeriesInfo | dict) -> str | None:
+    """Guess what a series is from its headers: "t1", "t2fs", "stir", "dixon_fat", "dixon_water" or None.
+
+    Uses, in order: Dixon markers (ImageType FAT/WATER, description), inversion recovery with a
+    short TI (STIR: ~100-300 ms) or STIR/TIRM in the description, fat suppression (ScanOptions
+    FS/SFS, description keywords such as "fs", "fatsat", "SPAIR") with long TR (fluid-sensitive),
+    and T1 weighting (short TR/TE, no fat suppression). Returns None when unsure (the caller asks
+    the user to pick the series explicitly).
+    """
+    params = info.params if isinstance(info, SeriesInfo) else dict(info)
+    desc = str(params.get("SeriesDescription", "") or "").lower()
+    image_type = set(_tokens(params.get("ImageType")))
+    scan_seq = set(_tokens(params.get("ScanningSequence")))
+    options = set(_tokens(params.get("ScanOptions")))
+    tr, te, ti = _num(params, "RepetitionTime"), _num(params, "EchoTime"), _num(params, "InversionTime")
+
+    if "DIXON" in image_type or _DIXON_WORDS.search(desc):
+        if re.search(r"(fraction|\bff\b|in[ _-]?phase|opp|\bip\b|\bop\b)", desc) or {"IN_PHASE", "OUT_PHASE", "FF"} & image_type:
+            return None
+        if "WATER" in image_type or re.search(r"(water|_w\b|\bw\b)", desc):
+            return "dixon_water"
+        if "FAT" in image_type or re.search(r"(fat|_f\b|\bf\b)", desc):
+            return "dixon_fat"
+        return None
+    if re.search(r"\bflair\b|\bdwi\b|\bdiff|\badc\b|\bt2\*|\bgre\b|\bswi\b|\blocali[sz]er\b|\bscout\b", desc):
+        return None
+    if _STIR_WORDS.search(desc) or ("IR" in scan_seq and ti is not None and 80 <= ti <= 300):
+        return "stir"
+    fat_sat = bool({"FS", "SFS", "FAT_SAT", "SPAIR", "SPIR", "CHESS"} & options) or bool(_FS_WORDS.search(desc))
+    says_t1 = bool(re.search(r"\bt1", desc))
+    says_fluid = bool(re.search(r"\bt2|\bpd\b|\bpdw|\bpd[ _-]|proton", desc))
+    if fat_sat:
+        if says_t1:
+            return None  # T1 fat-sat (e.g. post contrast): neither the T1 nor a fluid image
+        if says_fluid or (tr is not None and tr >= 1500 and (te is None or te >= 25)):
+            return "t2fs"
+        return None
+    if says_t1:
+        return "t1"
+    if says_fluid:
+        return None  # T2 without fat suppression: not used
+    if tr is not None and te is not None and tr < 1000 and te < 30:
+        return "t1"
+    return None
+
+
+def choose_series(infos: list[SeriesInfo], overrides: dict[str, str] | None = None) -> tuple[dict, list[str]]:
+    """Pick one series per role from a study.
+
+    Args:
+        infos: from ``find_series``.
+        overrides: role -> series UID (roles "t1", "fluid", "dixon_fat", "dixon_water"); wins over
+            the classification.
+
+    Returns:
+        ({role: SeriesInfo}, lines) where ``lines`` explain every choice (to print). The fluid
+        series' kind is in ``SeriesInfo.params["_kind"]`` ("t2fs" or "stir").
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v}
+    by_uid = {s.uid: s for s in infos}
+    lines = []
+    classified = {s.uid: classify_series(s) for s in infos}
+    for s in infos:
+        lines.append(f"  series {s.summary()} -> {classified[s.uid] or 'not used'}")
+    chosen: dict[str, SeriesInfo] = {}
+    role_kinds = {"t1": ("t1",), "fluid": ("t2fs", "stir"), "dixon_fat": ("dixon_fat",),
+                  "dixon_water": ("dixon_water",)}
+    for role, kinds in role_kinds.items():
+        if role in overrides:
+            uid = overrides[role]
+            if uid not in by_uid:
+                raise ImageError(f"--{role.replace('_', '-')}-series {uid}: no such series in the study")
+            s = by_uid[uid]
+            kind = classified[uid] if classified[uid] in kinds else kinds[0]
+            s.params["_kind"] = kind
+            chosen[role] = s
+            lines.append(f"{role}: series #{s.number} {s.description!r} (chosen by the user, as {kind})")
+            continue
+        candidates = [s for s in infos if classified[s.uid] in kinds]
+        if not candidates:
+            continue
+        # prefer axial, then the preferred kind (t2fs over stir), then more slices, then lower number
+        candidates.sort(key=lambda s: (s.orientation != "axial", kinds.index(classified[s.uid]),
+                                       -s.n_slices, s.number if s.number is not None else 10**9))
+        s = candidates[0]
+        s.params["_kind"] = classified[s.uid]
+        chosen[role] = s
+        others = f" ({len(candidates) - 1} other candidate(s))" if len(candidates) > 1 else ""
+        lines.append(f"{role}: series #{s.number} {s.description!r} as {classified[s.uid]}{others}; "
+                     f"override with --{role.replace('_', '-')}-series UID")
+    return chosen, lines
+
+
+__all__ = [
+    "SeriesInfo", "load_series", "load_dicom_series", "find_series", "classify_series",
+    "choose_series", "hash_input", "check_overlap", "is_nifti", "validate_intensity_image",
+    "LPS_TO_RAS", "SEQUENCE_TAGS", "IDENTIFYING_TAGS",
+]

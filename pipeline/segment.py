@@ -1,0 +1,274 @@
+"""Segment hip MRI with the ifi-seg network: load the model, run it, post-process.
+
+``segment(images, model)`` takes T1 and/or a fluid-sensitive series (any orientation, grid or
+field of view; see ``pipeline.grid``), runs the network on the working grid and returns the
+label map on the reference image's ORIGINAL grid (same shape and affine as the input T1, or the
+fluid image when there is no T1), in project label values (``pipeline.labels.LABELS``).
+
+Post-processing (conservative; sides are never relabelled, classes are side-agnostic):
+  * paired structures (QF, LT, IT, hamstring and iliopsoas tendons, femur, gluteus maximus):
+    keep the largest connected component, plus the largest one lying >= 40 mm away along the
+    world left-right axis (the other hip) if it is at least 10 % of the largest, plus fragments
+    whose centroid lies within 10 mm of a kept component's bounding box (a structure broken by
+    a slice gap). Everything else of that class is an island.
+  * other classes (pelvis, subcutaneous fat, other muscle): drop components smaller than 1 % of
+    the class volume and smaller than 500 mm^3.
+  * island voxels take their next most probable class.
+
+Confidence per structure (``Segmentation.confidence``): the mean, over the voxels finally
+labelled as that structure, of the network's softmax probability for that structure (0..1;
+0.0 when the structure is absent). It is low when the network hesitated at most voxels of the
+structure; a report can call a structure uncertain below ``CONFIDENCE_WARN``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.image import Image
+from pipeline.labels import LABELS, label_names
+
+#: Structures with one instance per hip.
+PAIRED = ("quadratus_femoris", "lesser_trochanter", "ischial_tuberosity", "hamstring_tendon",
+          "iliopsoas_tendon", "femur", "gluteus_maximus")
+#: Below this confidence a structure is reported as uncertain.
+CONFIDENCE_WARN = 0.7
+#: Post-processing constants (mm, mm^3).
+CONTRALATERAL_MIN_MM = 40.0
+FRAGMENT_MARGIN_MM = 10.0
+ISLAND_MAX_MM3 = 500.0
+
+
+@dataclass
+class SegModel:
+    """A loaded network with its metadata."""
+
+    net: "object"
+    meta: dict
+    device: "object"
+    path: str | None = None
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self.meta["input_channels"])
+
+
+@dataclass
+class Segmentation:
+    """Result of ``segment``."""
+
+    labels: Image                       # uint8, on the reference image's original grid
+    confidence: dict[str, float]        # structure name -> mean softmax prob inside it
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    probabilities: np.ndarray | None = None   # (C, *working shape) float32, if requested
+    working_affine: np.ndarray | None = None  # affine of ``probabilities``
+    reference: str = "t1"
+
+
+def _default_threads() -> None:
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+
+
+def load_model(path: str | Path | None = None, device: str = "auto") -> SegModel:
+    """Load a model bundle (the bundled default when ``path`` is None).
+
+    ``device``: "auto" (CUDA if available else CPU), "cpu" or "cuda". Raises FileNotFoundError
+    naming the missing file when the weights or metadata are absent.
+    """
+    import torch
+
+    from models.bundle import DEFAULT_BUNDLE, load_bundle
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        _default_threads()
+    net, meta = load_bundle(DEFAULT_BUNDLE if path is None else path, device=dev)
+    return SegModel(net, meta, dev, str(path) if path is not None else str(DEFAULT_BUNDLE))
+
+
+def _bf16_ok(device) -> bool:
+    import torch
+
+    if device.type == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def predict_logits(net, array: np.ndarray, meta: dict, device, bf16: bool | None = None):
+    """Run the network on a (C, X, Y, Z) working-grid array; returns (K, X, Y, Z) float32 logits (torch).
+
+    Sliding window (``meta["inference"]``) with the input padded to the network's size divisor.
+    """
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from models.net import divisor
+
+    inf = meta.get("inference", {})
+    if bf16 is None:
+        bf16 = bool(inf.get("bf16", False))
+    bf16 = bf16 and _bf16_ok(device)
+    div = np.asarray(divisor(meta["architecture"]))
+    shape = np.asarray(array.shape[1:])
+    padded = (np.ceil(shape / div) * div).astype(int)
+    x = torch.zeros((1, array.shape[0], *padded), dtype=torch.float32)
+    x[0, :, : shape[0], : shape[1], : shape[2]] = torch.from_numpy(array)
+    x = x.to(device)
+    roi = np.minimum(np.asarray(inf.get("roi_size", padded)), padded)
+    roi = (np.ceil(roi / div) * div).astype(int)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        if inf.get("mode", "sliding_window") == "whole" or np.all(roi >= padded):
+            out = net(x)
+        else:
+            out = sliding_window_inference(x, tuple(int(r) for r in roi), 1, net,
+                                           overlap=float(inf.get("overlap", 0.25)), mode="gaussian")
+    out = out.float()[0, :, : shape[0], : shape[1], : shape[2]].cpu()
+    return out
+
+
+def _component_stats(lab: np.ndarray, n: int, affine: np.ndarray):
+    """Voxel counts, world centroids and world bounding boxes of components 1..n."""
+    from scipy import ndimage
+
+    idx = np.arange(1, n + 1)
+    counts = ndimage.sum_labels(np.ones(lab.shape, np.float32), lab, idx)
+    cents = np.asarray(ndimage.center_of_mass(np.ones(lab.shape, np.float32), lab, idx)).reshape(-1, 3)
+    world_c = cents @ affine[:3, :3].T + affine[:3, 3]
+    boxes = []
+    for sl in ndimage.find_objects(lab, max_label=n):
+        lo = np.array([s.start for s in sl], float) - 0.5
+        hi = np.array([s.stop for s in sl], float) - 0.5
+        corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+        w = corners @ affine[:3, :3].T + affine[:3, 3]
+        boxes.append((w.min(0), w.max(0)))
+    return counts, world_c, boxes
+
+
+def postprocess(labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+    """Island mask per the module docstring: returns (bool mask of voxels to relabel, removed count per class)."""
+    from scipy import ndimage
+
+    voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
+    remove = np.zeros(labels.shape, bool)
+    removed: dict[str, int] = {}
+    structure = np.ones((3, 3, 3), bool)
+    objs = ndimage.find_objects(labels)
+    for name, value in LABELS.items():
+        if value == 0 or value > len(objs) or objs[value - 1] is None:
+            continue
+        sl = objs[value - 1]
+        # work inside the class bounding box (cheap), offset the affine accordingly
+        sub_aff = affine.copy()
+        sub_aff[:3, 3] = affine[:3, :3] @ np.array([s.start for s in sl]) + affine[:3, 3]
+        mask = labels[sl] == value
+        lab, n = ndimage.label(mask, structure)
+        if n <= 1:
+            continue
+        counts, cents, boxes = _component_stats(lab, n, sub_aff)
+        order = np.argsort(-counts)
+        keep = np.zeros(n + 1, bool)
+        if name in PAIRED:
+            first = order[0]
+            keep[first + 1] = True
+            anchors = [first]
+            for c in order[1:]:
+                if abs(cents[c, 0] - cents[first, 0]) >= CONTRALATERAL_MIN_MM and counts[c] >= 0.1 * counts[first]:
+                    keep[c + 1] = True
+                    anchors.append(c)
+                    break
+            for c in order:
+                if keep[c + 1]:
+                    continue
+                for a in anchors:
+                    lo, hi = boxes[a]
+                    if np.all(cents[c] >= lo - FRAGMENT_MARGIN_MM) and np.all(cents[c] <= hi + FRAGMENT_MARGIN_MM):
+                        keep[c + 1] = True
+                        break
+        else:
+            total = counts.sum()
+            keep[1:] = (counts >= 0.01 * total) | (counts * voxel_mm3 >= ISLAND_MAX_MM3)
+        drop = ~keep[lab] & mask
+        if drop.any():
+            remove[sl] |= drop
+            removed[name] = int(drop.sum())
+    return remove, removed
+
+
+def segment(images: dict[str, Image], model: SegModel, reference: str | None = None,
+            return_probabilities: bool = False, bf16: bool | None = None) -> Segmentation:
+    """Segment the hip structures; see the module docstring.
+
+    Args:
+        images: "t1" and/or "fluid" (or "t2fs"/"stir"); optional "dixon_fat"/"dixon_water"
+            (accepted, not used by the current network: a warning says so).
+        model: from ``load_model``.
+        reference: the image whose grid the labels are returned on (default "t1" if present).
+        return_probabilities: keep the softmax on the working grid in the result.
+        bf16: bfloat16 autocast (default: the model metadata's choice).
+    """
+    import torch
+
+    from pipeline.grid import NORMALISATION, prepare_inputs
+
+    meta = model.meta
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    inputs = prepare_inputs(images, meta["input_channels"], meta["working_spacing_mm"], reference,
+                            meta.get("normalisation") or NORMALISATION)
+    warnings = list(inputs.warnings)
+    timings["resample"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    logits = predict_logits(model.net, inputs.array, meta, model.device, bf16)
+    timings["network"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    probs_w = torch.softmax(logits, dim=0)
+    grid = inputs.grid
+    probs = grid.to_reference(probs_w)                      # (K, *ref_shape)
+    labels = probs.argmax(axis=0).astype(np.uint8)
+    remove, removed = postprocess(labels, grid.ref_affine)
+    if remove.any():
+        p = probs[:, remove]
+        p[labels[remove], np.arange(p.shape[1])] = -1.0
+        labels[remove] = p.argmax(axis=0).astype(np.uint8)
+    names = label_names()
+    confidence: dict[str, float] = {}
+    flat_lab = labels.ravel()
+    counts = np.bincount(flat_lab, minlength=len(names))
+    for v, name in enumerate(names):
+        if v == 0 or not name:
+            continue
+        if counts[v] == 0:
+            confidence[name] = 0.0
+            continue
+        confidence[name] = float(probs[v].ravel()[flat_lab == v].mean())
+    for name in ("quadratus_femoris", "lesser_trochanter", "ischial_tuberosity", "hamstring_tendon"):
+        if confidence.get(name, 0.0) == 0.0:
+            warnings.append(f"{name} not found")
+        elif confidence[name] < CONFIDENCE_WARN:
+            warnings.append(f"{name} uncertain (confidence {confidence[name]:.2f})")
+    if removed:
+        warnings.append("post-processing removed islands: "
+                        + ", ".join(f"{k} {v} voxels" for k, v in sorted(removed.items())))
+    timings["postprocess"] = time.perf_counter() - t0
+
+    ref_name = grid.reference
+    lab_img = Image(labels, grid.ref_affine.copy(), "labels",
+                    {"reference": ref_name, "model": model.path, "model_version": meta.get("version")})
+    return Segmentation(lab_img, confidence, warnings, timings,
+                        probs_w.numpy() if return_probabilities else None,
+                        grid.affine.copy() if return_probabilities else None, ref_name)

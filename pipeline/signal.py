@@ -1,0 +1,168 @@
+"""Quadratus femoris signal and size: edema, fatty infiltration, atrophy.
+
+Each intensity image stays on its own grid: a voxel of the image belongs to a structure when its
+centre, mapped through both affines into the label grid, falls in the structure's mask (nearest
+lookup, no interpolation of intensities). Masks are first eroded by one in-plane voxel so that
+partial volume with the surrounding fat or fluid does not enter the statistics.
+
+* Edema (fluid-sensitive fat-suppressed image, T2 fat-sat or STIR): the upper reference limit
+  (URL) is a high percentile of the reference muscle's (gluteus maximus) voxels; the share of QF
+  voxels above it and the ratio of median QF to median reference signal grade it (the
+  quantitative-STIR method of the muscle literature; ``MeasureConfig`` holds the thresholds).
+* Fat: with Dixon, fat / (fat + water) per voxel averaged over the QF; without, the QF's mean
+  T1 signal mapped linearly between reference muscle and subcutaneous fat. Goutallier grade from
+  ``MeasureConfig.goutallier_grade``.
+* Atrophy: QF volume (ml) and largest cross-sectional area in the label map's slices (mm^2).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from .config import MeasureConfig
+from .geometry import slice_axis
+from .image import Image
+from .sides import Mask
+
+
+def erode_inplane(mask: Mask, affine: np.ndarray, min_voxels: int) -> Mask:
+    """Erode by one voxel within each slice; keep the original if too little would remain."""
+    ax = slice_axis(affine)
+    st = np.zeros((3, 3, 3), bool)
+    idx = [slice(None)] * 3
+    idx[ax] = 1
+    st[tuple(idx)] = ndimage.generate_binary_structure(2, 1)
+    er = ndimage.binary_erosion(np.pad(mask.array, 1), st)[1:-1, 1:-1, 1:-1]
+    if er.sum() >= max(min_voxels, 0.25 * mask.count):
+        return Mask(mask.offset, er)
+    return mask
+
+
+#: Statistics of large structures (subcutaneous fat, gluteus maximus) use at most this many
+#: voxels, drawn with a fixed seed (percentiles are then precise to well under 1 %).
+MAX_SAMPLES = 40000
+
+
+def sample_in_mask(img: Image, mask: Mask, label_affine: np.ndarray,
+                   max_samples: int = MAX_SAMPLES) -> np.ndarray:
+    """Intensities of the voxels of ``img`` nearest to the voxel centres of ``mask``.
+
+    Each label voxel centre is mapped through both affines to its nearest image voxel; each image
+    voxel counts once (no interpolation of intensities). Label voxels outside the image are
+    ignored. Large masks are subsampled to ``max_samples`` voxels (fixed seed).
+    """
+    ijk = mask.indices()
+    if len(ijk) > max_samples:
+        ijk = ijk[np.random.default_rng(0).choice(len(ijk), max_samples, replace=False)]
+    m = np.linalg.inv(img.affine) @ np.asarray(label_affine, float)
+    v = np.rint(ijk @ m[:3, :3].T + m[:3, 3]).astype(np.int64)
+    ok = np.all((v >= 0) & (v < np.array(img.shape)), axis=1)
+    v = v[ok]
+    if len(v) == 0:
+        return np.zeros(0)
+    u = np.unravel_index(np.unique(np.ravel_multi_index(v.T, img.shape)), img.shape)
+    return np.asarray(img.array[u], dtype=np.float64)
+
+
+def atrophy(qf: Mask | None, affine: np.ndarray) -> dict:
+    """QF volume (ml) and largest cross-sectional area (mm^2) in the label map's slices."""
+    if qf is None or qf.count == 0:
+        return {"qf_volume_ml": None, "qf_max_csa_mm2": None, "qf_max_csa_slice": None}
+    affine = np.asarray(affine, float)
+    ax = slice_axis(affine)
+    inpl = [i for i in range(3) if i != ax]
+    pixel_area = float(np.linalg.norm(np.cross(affine[:3, inpl[0]], affine[:3, inpl[1]])))
+    counts = qf.array.sum(axis=tuple(inpl))
+    k = int(np.argmax(counts))
+    return {"qf_volume_ml": qf.count * abs(np.linalg.det(affine[:3, :3])) / 1000.0,
+            "qf_max_csa_mm2": float(counts[k]) * pixel_area,
+            "qf_max_csa_slice": k + int(qf.offset[ax])}
+
+
+def edema(fluid: Image, qf: Mask, reference: Mask, label_affine: np.ndarray,
+          cfg: MeasureConfig, contralateral_qf: Mask | None = None) -> dict:
+    """Edema statistics and grade of the QF on a fluid-sensitive fat-suppressed image."""
+    q = sample_in_mask(fluid, erode_inplane(qf, label_affine, cfg.min_signal_voxels), label_affine)
+    r = sample_in_mask(fluid, erode_inplane(reference, label_affine, cfg.min_signal_voxels),
+                       label_affine)
+    out = {"grade": None, "signal_ratio": None, "fraction_above_reference": None,
+           "reference_upper_limit": None, "qf_median": None, "qf_p90": None,
+           "reference_median": None, "contralateral_ratio": None,
+           "sequence": fluid.meta.get("fluid_kind") or fluid.kind, "n_voxels": int(q.size),
+           "reason": None}
+    if q.size < cfg.min_signal_voxels or r.size < cfg.min_signal_voxels:
+        out["reason"] = (f"too few voxels on the fluid image (QF {q.size}, reference {r.size}, "
+                         f"need {cfg.min_signal_voxels})")
+        return out
+    ref_med = float(np.median(r))
+    if ref_med <= 0:
+        out["reason"] = "reference muscle has no signal on the fluid image"
+        return out
+    url = float(np.percentile(r, cfg.edema_reference_percentile))
+    ratio = float(np.median(q)) / ref_med
+    frac = float(np.mean(q > url))
+    out.update(signal_ratio=ratio, fraction_above_reference=frac, reference_upper_limit=url,
+               qf_median=float(np.median(q)), qf_p90=float(np.percentile(q, 90)),
+               reference_median=ref_med)
+    if contralateral_qf is not None and contralateral_qf.count:
+        c = sample_in_mask(fluid, erode_inplane(contralateral_qf, label_affine,
+                                                cfg.min_signal_voxels), label_affine)
+        if c.size >= cfg.min_signal_voxels and np.median(c) > 0:
+            out["contralateral_ratio"] = float(np.median(q) / np.median(c))
+    out["grade"] = edema_grade(frac, ratio, cfg)
+    return out
+
+
+def edema_grade(fraction_above: float, ratio: float, cfg: MeasureConfig) -> str:
+    """none / mild / marked from the share of QF voxels above the reference limit and the
+    median signal ratio (marked: a large share or a high ratio; mild: a clear excess of voxels
+    above the limit or a raised ratio)."""
+    if fraction_above >= cfg.edema_fraction_marked or ratio >= cfg.edema_ratio_marked:
+        return "marked"
+    if fraction_above >= cfg.edema_fraction_mild or ratio >= cfg.edema_ratio_mild:
+        return "mild"
+    return "none"
+
+
+def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
+              cfg: MeasureConfig) -> dict:
+    """Mean fat fraction fat / (fat + water) over the (eroded) QF from Dixon images."""
+    from .image import resample_like
+
+    if fat.shape != water.shape or not np.allclose(fat.affine, water.affine, atol=1e-3):
+        water = resample_like(water, fat, order=1)
+    m = erode_inplane(qf, label_affine, cfg.min_signal_voxels)
+    f = sample_in_mask(fat, m, label_affine)
+    w = sample_in_mask(water, m, label_affine)
+    s = f + w
+    ok = s > 1e-6 * max(float(s.max(initial=0)), 1e-12)
+    if ok.sum() < cfg.min_signal_voxels:
+        return {"fat_fraction": None, "method": "dixon", "reason": "too few QF voxels with signal"}
+    ff = np.clip(f[ok] / s[ok], 0.0, 1.0)
+    return {"fat_fraction": float(ff.mean()), "fat_fraction_median": float(np.median(ff)),
+            "method": "dixon", "n_voxels": int(ok.sum()), "reason": None}
+
+
+def fat_t1(t1: Image, qf: Mask, reference: Mask | None, subcut: Mask | None,
+           label_affine: np.ndarray, cfg: MeasureConfig) -> dict:
+    """Mean fat fraction of the QF from T1, calibrated between reference muscle and fat."""
+    if reference is None or subcut is None:
+        missing = "reference muscle" if reference is None else "subcutaneous fat"
+        return {"fat_fraction": None, "method": "t1_calibrated",
+                "reason": f"no {missing} in the label map to calibrate T1"}
+    q = sample_in_mask(t1, erode_inplane(qf, label_affine, cfg.min_signal_voxels), label_affine)
+    r = sample_in_mask(t1, erode_inplane(reference, label_affine, cfg.min_signal_voxels),
+                       label_affine)
+    f = sample_in_mask(t1, erode_inplane(subcut, label_affine, cfg.min_signal_voxels),
+                       label_affine)
+    if min(q.size, r.size, f.size) < cfg.min_signal_voxels:
+        return {"fat_fraction": None, "method": "t1_calibrated",
+                "reason": "too few voxels on the T1 image to calibrate"}
+    s_m, s_f = float(np.median(r)), float(np.median(f))
+    if s_f - s_m <= 0.05 * max(abs(s_f), 1e-12):
+        return {"fat_fraction": None, "method": "t1_calibrated",
+                "reason": "fat is not brighter than muscle on this T1 image (not a T1?)"}
+    fm, ffat = cfg.t1_reference_muscle_ff, cfg.t1_subcutaneous_fat_ff
+    ff = fm + (float(np.mean(q)) - s_m) / (s_f - s_m) * (ffat - fm)
+    return {"fat_fraction": float(np.clip(ff, 0.0, 1.0)), "method": "t1_calibrated",
+            "n_voxels": int(q.size), "reason": None}

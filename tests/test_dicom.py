@@ -1,0 +1,205 @@
+"""DICOM reading: round trip through data_scripts/nifti_to_dicom.py (same world coordinates as the
+NIfTI), awkward series rejected with one clear line, pydicom's own sample files, classification of
+a written study, labels of a DICOM input overlay it, privacy of patient fields."""
+import json
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from data_scripts.nifti_to_dicom import FAKE_INSTITUTION, FAKE_PATIENT_ID, FAKE_PATIENT_NAME, write_dicom_series
+from pipeline.image import Image, ImageError, load_nifti, save_nifti
+from pipeline.io import LPS_TO_RAS, choose_series, find_series, hash_input, load_series
+
+
+def _volume(shape=(20, 24, 6), oblique=True, seed=0):
+    rng = np.random.default_rng(seed)
+    arr = rng.uniform(0, 1000, shape).astype(np.float32)
+    rot = Rotation.from_euler("xyz", [8, -15, 25], degrees=True).as_matrix() if oblique else np.eye(3)
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([0.8, 0.9, 4.0])
+    aff[:3, 3] = [10.0, -50.0, 20.0]
+    return Image(arr, aff, "t1")
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_round_trip_same_world_coordinates(tmp_path, flip):
+    img = _volume()
+    if flip:  # a LPS-stored / reversed-slice NIfTI: the DICOM must still land on the same world points
+        img = Image(img.array[::-1, :, ::-1].copy(), img.affine @ np.array(
+            [[-1, 0, 0, 19], [0, 1, 0, 0], [0, 0, -1, 5], [0, 0, 0, 1]], float), "t1")
+    save_nifti(img, tmp_path / "t1.nii.gz")
+    nii = load_nifti(tmp_path / "t1.nii.gz", "t1")
+    files = write_dicom_series(nii, tmp_path / "dcm", kind="t1", shuffle=True, reverse_instance_numbers=True)
+    back = load_series(tmp_path / "dcm", "t1")
+    # the reader sorts by position, so its slice order may be reversed w.r.t. the NIfTI: compare
+    # world coordinates of all voxel centres and the intensity found there
+    corners = np.array([[0, 0, 0], [19, 0, 0], [0, 23, 0], [0, 0, 5], [19, 23, 5]], float)
+    world = nii.voxel_to_world(corners)
+    ijk = np.rint(back.world_to_voxel(world)).astype(int)
+    np.testing.assert_allclose(back.voxel_to_world(ijk), world, atol=1e-3)
+    for (i, j, k), (a, b, c) in zip(ijk, corners.astype(int)):
+        assert abs(back.array[i, j, k] - nii.array[a, b, c]) < 0.05   # rescale slope quantisation
+    # stored as LPS: the first file's ImagePositionPatient is the RAS corner with x, y negated
+    import pydicom
+
+    ds = pydicom.dcmread(str(files[0]))
+    np.testing.assert_allclose((LPS_TO_RAS @ nii.affine)[:3, 3], np.asarray(ds.ImagePositionPatient, float), atol=1e-4)
+    assert back.meta["format"] == "dicom"
+    assert back.meta["sequence"]["SeriesDescription"] == "T1 TSE AX"
+
+
+def test_slice_order_comes_from_positions_not_instance_numbers(tmp_path):
+    img = _volume(oblique=False)
+    write_dicom_series(img, tmp_path / "a", shuffle=True, reverse_instance_numbers=True, seed=3)
+    back = load_series(tmp_path / "a", "t1")
+    np.testing.assert_allclose(back.affine, img.affine, atol=1e-4)
+    np.testing.assert_allclose(back.array, img.array, atol=0.05)
+
+
+def test_several_series_need_a_choice(tmp_path):
+    img = _volume(oblique=False)
+    write_dicom_series(img, tmp_path / "study" / "s1", kind="t1", series_number=1)
+    write_dicom_series(img, tmp_path / "study" / "s2", kind="stir", series_number=2)
+    with pytest.raises(ImageError, match="holds 2 series, choose one"):
+        load_series(tmp_path / "study", "t1")
+    infos = find_series(tmp_path / "study")
+    assert [s.params["SeriesDescription"] for s in infos] == ["T1 TSE AX", "AX TIRM"]
+    img_t1 = load_series(infos[0], "t1")
+    assert img_t1.shape == img.shape
+
+
+def test_study_classification(tmp_path):
+    img = _volume((12, 12, 4), oblique=False)
+    for n, kind in enumerate(["t1", "t2fs", "dixon_fat", "dixon_water"], start=1):
+        write_dicom_series(img, tmp_path / "study" / kind, kind=kind, series_number=n)
+    chosen, lines = choose_series(find_series(tmp_path / "study"))
+    assert {r: s.params["SeriesDescription"] for r, s in chosen.items()} == {
+        "t1": "T1 TSE AX", "fluid": "T2 TSE FS AX", "dixon_fat": "DIXON AX F", "dixon_water": "DIXON AX W"}
+    assert chosen["fluid"].params["_kind"] == "t2fs"
+
+
+def _rewrite(files, **changes):
+    import pydicom
+
+    for f in files:
+        ds = pydicom.dcmread(str(f))
+        for k, fn in changes.items():
+            setattr(ds, k, fn(ds))
+        ds.save_as(str(f))
+
+
+def test_missing_slice_gives_inconsistent_spacing(tmp_path):
+    files = write_dicom_series(_volume(oblique=False), tmp_path / "gap", shuffle=False)
+    files[2].unlink()
+    with pytest.raises(ImageError, match="inconsistent slice spacing"):
+        load_series(tmp_path / "gap", "t1")
+
+
+def test_gantry_tilt_rejected(tmp_path):
+    img = _volume(oblique=False)
+    lps = LPS_TO_RAS @ img.affine
+    tilted = np.array([lps[:3, 3] + k * (lps[:3, 2] + [0, 0.7, 0]) for k in range(img.shape[2])])
+    write_dicom_series(img, tmp_path / "tilt", slice_positions=tilted)
+    with pytest.raises(ImageError, match="gantry tilt"):
+        load_series(tmp_path / "tilt", "t1")
+
+
+def test_two_volumes_at_same_positions_rejected(tmp_path):
+    img = _volume(oblique=False)
+    uid = "1.2.3.4.5.6.7.8.9"
+    write_dicom_series(img, tmp_path / "echo", series_uid=uid, seed=1)
+    write_dicom_series(img, tmp_path / "echo" / "e2", series_uid=uid, seed=2)
+    with pytest.raises(ImageError, match="distinct positions"):
+        load_series(tmp_path / "echo", "t1")
+
+
+def test_mixed_orientations_rejected(tmp_path):
+    files = write_dicom_series(_volume(oblique=False), tmp_path / "mix", shuffle=False)
+    _rewrite(files[:1], ImageOrientationPatient=lambda ds: [1, 0, 0, 0, 0, -1])
+    with pytest.raises(ImageError, match="different orientations"):
+        load_series(tmp_path / "mix", "t1")
+
+
+def test_missing_position_tag_rejected(tmp_path):
+    files = write_dicom_series(_volume(oblique=False), tmp_path / "nopos", shuffle=False)
+    import pydicom
+
+    ds = pydicom.dcmread(str(files[1]))
+    del ds.PixelSpacing
+    ds.save_as(str(files[1]))
+    with pytest.raises(ImageError, match="lack PixelSpacing"):
+        load_series(tmp_path / "nopos", "t1")
+
+
+def test_truncated_dicom_file(tmp_path):
+    files = write_dicom_series(_volume(oblique=False), tmp_path / "trunc", shuffle=False)
+    data = files[3].read_bytes()
+    files[3].write_bytes(data[: len(data) - 300])
+    with pytest.raises(ImageError) as info:
+        load_series(tmp_path / "trunc", "t1")
+    assert "\n" not in str(info.value)
+
+
+def test_pydicom_sample_single_slice(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("MR_small.dcm")
+    with pytest.raises(ImageError, match="single slice"):
+        load_series(path, "t1")
+    folder = tmp_path / "two"
+    folder.mkdir()
+    import shutil
+
+    shutil.copy(path, folder / "a.dcm")
+    shutil.copy(get_testdata_file("MR_small_RLE.dcm"), folder / "b.dcm")   # the same slice, RLE coded
+    with pytest.raises(ImageError, match="distinct positions"):
+        load_series(folder, "t1")
+    assert find_series(folder)[0].n_slices == 2
+
+
+def test_no_dicom_in_folder(tmp_path):
+    (tmp_path / "readme.txt").write_text("nothing here")
+    with pytest.raises(ImageError, match="no DICOM image files"):
+        load_series(tmp_path, "t1")
+
+
+def test_hash_of_series_follows_its_files(tmp_path):
+    write_dicom_series(_volume(oblique=False), tmp_path / "h")
+    infos = find_series(tmp_path / "h")
+    assert hash_input(infos[0]) == hash_input(infos[0])
+    assert len(hash_input(tmp_path / "h")) == 64
+
+
+def test_dicom_input_labels_overlay_and_privacy(tmp_path):
+    """Label output of a DICOM input is on the DICOM grid and matches the NIfTI truth point for
+    point; no fake patient identifier reaches any output file unless asked for."""
+    from synthetic_subject import make_images, make_labels
+
+    from pipeline.api import run_subject
+
+    lab = make_labels()
+    img = make_images(lab)["t1"]
+    save_nifti(lab, tmp_path / "truth_labels.nii.gz", dtype=np.uint8)
+    write_dicom_series(img, tmp_path / "study" / "t1", kind="t1", series_number=1)
+    write_dicom_series(make_images(lab)["fluid"], tmp_path / "study" / "stir", kind="stir", series_number=2)
+    chosen, _ = choose_series(find_series(tmp_path / "study"))
+    out = tmp_path / "out"
+    rec = run_subject({**chosen, "fluid_kind": "stir"}, out, labels_override=tmp_path / "truth_labels.nii.gz")
+    t1_dicom = load_series(chosen["t1"], "t1")
+    written = load_nifti(out / "labels.nii.gz", "labels")
+    np.testing.assert_allclose(written.affine, t1_dicom.affine, atol=1e-5)
+    assert written.shape == t1_dicom.shape
+    np.testing.assert_array_equal(written.array, lab.array)   # same world grid, voxel for voxel
+    assert rec["provenance"]["inputs"]["t1"]["format"] == "dicom"
+    assert rec["provenance"]["inputs"]["fluid"]["sequence"]["InversionTime"] == 160.0
+    secrets = [FAKE_PATIENT_NAME, FAKE_PATIENT_ID, FAKE_INSTITUTION, "FAKE^", "19000101", "FAKEACC"]
+    for f in out.rglob("*"):
+        blob = f.read_bytes()
+        for s in secrets:
+            assert s.encode() not in blob, f"{s} leaked into {f.name}"
+    # the check can fail: with include_identifiers the fields are there
+    rec2 = run_subject({**chosen, "fluid_kind": "stir"}, tmp_path / "out2",
+                       labels_override=tmp_path / "truth_labels.nii.gz", include_identifiers=True)
+    text = (tmp_path / "out2" / "measurements.json").read_text()
+    assert FAKE_PATIENT_NAME in text and FAKE_PATIENT_ID in json.dumps(rec2)

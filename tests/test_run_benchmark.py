@@ -1,0 +1,42 @@
+"""The parts of benchmarks/run_benchmark.py that run without a cohort or a trained model."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("run_benchmark", ROOT / "benchmarks" / "run_benchmark.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_dynunet_timing_small_volume(bench):
+    res = bench.time_dynunet(shape=(64, 64, 8), roi=(32, 32, 8), overlap=0.5, repeats=1, threads=1)
+    assert res["filters"] == [32, 64, 128, 256, 320, 320]
+    assert res["output_shape"] == [1, 11, 64, 64, 8]
+    assert res["windows"] == 9                      # 3 x 3 x 1 windows of 32 x 32 x 8
+    assert res["median_s"] > 0 and res["parameters_m"] > 20   # nnU-Net-sized, ~30 M parameters
+
+
+def test_stage_timings_from_measurements(bench, tmp_path):
+    for i, (load, net) in enumerate([(1.0, 4.0), (3.0, 6.0), (2.0, 5.0)]):
+        d = tmp_path / f"s{i}"
+        d.mkdir()
+        rec = {"hips": {}, "provenance": {
+            "timings": {"load_s": load, "segment_s": net + 1.5, "measure_s": 0.5, "total_s": load + net + 2},
+            "segmentation": {"timings": {"resample": 1.0, "network": net, "postprocess": 0.5}}}}
+        (d / "measurements.json").write_text(json.dumps(rec))
+    t = bench.stage_timings(tmp_path)
+    assert t["load"] == 2.0 and t["resample"] == 1.0 and t["segment"] == 5.5 and t["measure"] == 0.5
+    assert t["n_subjects"] == 3 and t["report"] is None and "note" in t
+
+
+def test_training_seeds_refused(bench):
+    with pytest.raises(SystemExit):
+        bench.main(["--seed", "123", "--skip-speed"])

@@ -1,0 +1,103 @@
+"""Edema, fat and atrophy statistics on hand-built volumes with known values."""
+import numpy as np
+import pytest
+
+from pipeline import signal
+from pipeline.config import MeasureConfig, goutallier_grade
+from pipeline.image import Image
+from pipeline.sides import Mask
+from tests.analytic_hips import make_affine
+
+AFF = make_affine((0.8, 0.8, 4.0), np.eye(3), (0, 0, 0), (60, 60, 12))
+
+
+def _box(lo, hi, shape=(60, 60, 12)):
+    m = np.zeros(shape, bool)
+    m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+    return Mask(np.zeros(3, int), m)
+
+
+QF = _box((10, 10, 2), (30, 30, 10))
+REF = _box((35, 10, 2), (55, 30, 10))
+FAT = _box((10, 40, 2), (55, 55, 10))
+
+
+def test_dixon_fat_fraction_exact_on_other_grid():
+    # Dixon on a coarser, shifted, LPS-stored grid: constant 30 % fat inside the QF region
+    aff = make_affine((1.6, 1.6, 3.0), np.eye(3), (0.3, -0.2, 0.5), (34, 34, 18), flips=(True, True, False))
+    fat = np.full((34, 34, 18), 30.0, np.float32)
+    water = np.full((34, 34, 18), 70.0, np.float32)
+    cfg = MeasureConfig()
+    out = signal.fat_dixon(Image(fat, aff), Image(water, aff), QF, AFF, cfg)
+    assert out["fat_fraction"] == pytest.approx(0.30, abs=1e-6)
+    assert cfg.goutallier_grade(out["fat_fraction"]) == 2
+
+
+def test_t1_calibration_linear_in_fat_fraction():
+    cfg = MeasureConfig()
+    fm, ff = cfg.t1_reference_muscle_ff, cfg.t1_subcutaneous_fat_ff
+    s_m, s_f = 300.0, 1200.0
+    target = 0.25
+    t1 = np.zeros((60, 60, 12), np.float32)
+    t1[REF.array] = s_m
+    t1[FAT.array] = s_f
+    t1[QF.array] = s_m + (target - fm) / (ff - fm) * (s_f - s_m)
+    out = signal.fat_t1(Image(t1, AFF), QF, REF, FAT, AFF, cfg)
+    assert out["fat_fraction"] == pytest.approx(target, abs=1e-4)
+    # a 'T1' where fat is darker than muscle is refused with a reason, not a number
+    t1[FAT.array] = 100.0
+    out = signal.fat_t1(Image(t1, AFF), QF, REF, FAT, AFF, cfg)
+    assert out["fat_fraction"] is None and "not brighter" in out["reason"]
+
+
+def _fluid(qf_values, seed=0):
+    rng = np.random.default_rng(seed)
+    img = rng.normal(100.0, 5.0, (60, 60, 12)).astype(np.float32)
+    img[QF.array] = qf_values(rng, int(QF.array.sum()))
+    return Image(img, AFF, "stir", {"fluid_kind": "stir"})
+
+
+def test_edema_grades():
+    cfg = MeasureConfig()
+    none = signal.edema(_fluid(lambda r, n: r.normal(100, 5, n)), QF, REF, AFF, cfg)
+    assert none["grade"] == "none"
+    assert none["fraction_above_reference"] < 0.06
+    assert none["signal_ratio"] == pytest.approx(1.0, abs=0.03)
+
+    def focal(r, n):   # a quarter of the muscle twice as bright
+        v = r.normal(100, 5, n)
+        v[: n // 4] *= 2.0
+        return v
+    mild = signal.edema(_fluid(focal), QF, REF, AFF, cfg)
+    assert mild["grade"] == "mild"
+    assert 0.15 < mild["fraction_above_reference"] < 0.35
+    marked = signal.edema(_fluid(lambda r, n: r.normal(220, 10, n)), QF, REF, AFF, cfg)
+    assert marked["grade"] == "marked"
+    assert marked["signal_ratio"] == pytest.approx(2.2, abs=0.05)
+    assert marked["fraction_above_reference"] > 0.99
+
+
+def test_edema_too_few_voxels_gives_reason():
+    tiny = _box((10, 10, 2), (12, 12, 3))
+    out = signal.edema(_fluid(lambda r, n: r.normal(100, 5, n)), tiny, REF, AFF, MeasureConfig())
+    assert out["grade"] is None and "too few" in out["reason"]
+
+
+def test_atrophy_volume_and_csa_exact():
+    out = signal.atrophy(QF, AFF)
+    assert out["qf_volume_ml"] == pytest.approx(20 * 20 * 8 * 0.8 * 0.8 * 4.0 / 1000)
+    assert out["qf_max_csa_mm2"] == pytest.approx(20 * 20 * 0.64)
+    assert signal.atrophy(None, AFF)["qf_volume_ml"] is None
+
+
+def test_erosion_keeps_small_structures():
+    small = _box((10, 10, 2), (13, 13, 4))
+    assert signal.erode_inplane(small, AFF, 30).count == small.count
+    assert signal.erode_inplane(QF, AFF, 30).count == 18 * 18 * 8
+
+
+def test_goutallier_bounds_single_definition():
+    b = MeasureConfig().goutallier_ff_bounds
+    assert [goutallier_grade(x) for x in (0.0, b[0] - 1e-6, b[0], b[1] + 0.01, b[2] + 0.01, 0.99)] \
+        == [0, 0, 1, 2, 3, 4]
+    assert goutallier_grade(None) is None
