@@ -146,6 +146,7 @@ def main(argv=None) -> int:
     if mode == "demo":
         inputs, labels = _demo_inputs(ap)
         args.out = args.out or "demo_output"
+        args.subject = args.subject or "example"
     elif mode == "dicom":
         from pipeline.io import choose_series, find_series
 

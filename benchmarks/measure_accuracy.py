@@ -47,6 +47,16 @@ def load_subject(root: Path, row: dict):
     return lab, images, table
 
 
+def scan_subject(d: Path) -> dict:
+    """cohort.csv-like row of one subject folder."""
+    rel = lambda n: f"{d.name}/{n}" if (d / n).exists() else ""  # noqa: E731
+    kind = "stir" if (d / "stir.nii.gz").exists() else ("t2fs" if (d / "t2fs.nii.gz").exists() else "")
+    return {"subject": d.name, "t1": rel("t1.nii.gz"), "fluid": rel(f"{kind}.nii.gz") if kind else "",
+            "fluid_kind": kind, "dixon_fat": rel("dixon_fat.nii.gz"),
+            "dixon_water": rel("dixon_water.nii.gz"), "labels": rel("labels.nii.gz"),
+            "truth": rel("truth.json")}
+
+
 def compare(sub: str, rec: dict, truth: dict) -> list[dict]:
     """One row per hip present in the truth or in the record."""
     rows = []
@@ -119,8 +129,12 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", help="write per-hip rows here")
     a = ap.parse_args(argv)
     root = Path(a.cohort)
-    with open(root / "cohort.csv") as f:
-        subjects = list(csv.DictReader(f))[: a.limit]
+    if (root / "cohort.csv").exists():
+        with open(root / "cohort.csv") as f:
+            subjects = list(csv.DictReader(f))[: a.limit]
+    else:   # a cohort still being written: its finished subject folders
+        subjects = [scan_subject(d) for d in sorted(root.iterdir())
+                    if d.is_dir() and (d / "truth.json").exists()][: a.limit]
     rows, t_measure, t_wall, t_total = [], [], [], []
     for row in subjects:
         t0 = time.perf_counter()

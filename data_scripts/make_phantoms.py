@@ -36,7 +36,7 @@ from pipeline.labels import write_label_table  # noqa: E402
 COLUMNS = ("subject", "t1", "fluid", "fluid_kind", "dixon_fat", "dixon_water", "labels", "truth")
 FRAME = "world RAS+ mm (NIfTI scanner coordinates of the written files)"
 PROTOCOL_OVERRIDES = ("field_t", "fluid_kind", "dixon", "orientation", "oblique", "dtype",
-                      "fluid_same_grid", "snr", "thickness", "gap")
+                      "fluid_same_grid", "snr", "thickness", "gap", "pixel")
 
 
 def subject_id(index: int) -> str:
@@ -235,6 +235,9 @@ def generate_cohort(out_dir, n: int, seed: int, workers: int = 1, start: int = 0
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(start, start + n) if not (out_dir / subject_id(i) / "truth.json").exists()]
+    for i in todo:  # temporary folders left by a killed run
+        for stale in out_dir.glob(f".{subject_id(i)}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     if len(todo) < n:
         log(f"{n - len(todo)} subject(s) already complete in {out_dir}, kept")
     jobs = [(str(out_dir), seed, i, overrides) for i in todo]

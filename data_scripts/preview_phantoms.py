@@ -56,7 +56,7 @@ def _window(a: np.ndarray) -> tuple[float, float]:
     v = a[np.isfinite(a)]
     if v.size == 0:
         return 0.0, 1.0
-    return float(np.percentile(v, 1)), float(np.percentile(v, 99.5))
+    return float(np.percentile(v, 1)), float(np.percentile(v, 99.9))
 
 
 def preview_subject(cohort_dir: Path, row: dict, out_png: Path, dpi: int = 72) -> Path:

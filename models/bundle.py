@@ -45,8 +45,10 @@ def default_metadata(**overrides) -> dict:
         "normalisation": dict(NORMALISATION),
         "architecture": dict(DEFAULT_ARCHITECTURE),
         "patch_size": [128, 128, 16],
-        "inference": {"mode": "sliding_window", "roi_size": [192, 192, 32], "overlap": 0.25,
-                      "bf16": False},
+        # whole volume in one pass up to max_whole_voxels (working grid), else sliding window
+        # (4.5 M voxels: ~1.3 GB peak in float32; larger grids go in 224 x 224 in-plane tiles)
+        "inference": {"mode": "auto", "max_whole_voxels": 4_500_000, "roi_size": [224, 224, 48],
+                      "overlap": 0.25, "bf16": False},
         "training": {},
         "metrics": {},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -61,6 +61,9 @@ class MeasureConfig:
     # Statistics are taken inside the structures eroded by one in-plane voxel (partial volume
     # with the neighbouring fat / fluid), unless that leaves fewer than this many voxels.
     min_signal_voxels: int = 30
+    # Reference tissues (gluteus maximus, subcutaneous fat) are taken within this distance (box
+    # half-size) of the QF centre, where the coil sensitivity (bias field) is nearly the same.
+    reference_radius_mm: float = 90.0
     # Pose: femoral shaft axis needs this much femur below the lesser trochanter (mm).
     pose_min_shaft_mm: float = 30.0
     pose_source: str = "ifi_seg_design"

@@ -9,9 +9,15 @@ voxel size, oblique slices included; everything goes through the affine):
   the voxel staircase), traced with marching squares; the distance is exact between the traced
   polylines (point-to-segment, both ways).
 * ``surface_distance``: the 3D shortest distance between the two surfaces. Thick slices are
-  bridged by shape-based interpolation (per-slice signed distance maps interpolated linearly
-  through-plane onto a spacing close to the in-plane one; a structure ends half-way to the first
-  slice without it), meshed with marching cubes at 0, and measured exactly point-to-triangle.
+  bridged by shape-based interpolation (per-slice signed distance maps interpolated through-plane,
+  Catmull-Rom where four slices hold the structure, else linear, onto a spacing close to the
+  in-plane one; a structure's end between slices is extrapolated from its last two slices),
+  meshed with marching cubes at 0, and measured point-to-triangle both ways.
+
+Measured on analytic spheres (tests/test_geometry.py, 0.5-1.0 mm in-plane, 3-6 mm slices,
+tilted, any storage order): 3D error <= 0.12 mm and axial error <= 0.23 mm for spheres of
+radius 9-12 mm; small structures (radius ~5-7 mm spanning 2-3 slices) reach ~0.5-1 mm in 3D,
+because their ends between slices are not determined by the data.
 
 The slice axis is the array axis closest to world superior-inferior (``slice_axis``).
 """
@@ -28,9 +34,7 @@ from scipy.spatial import cKDTree
 SDF_SMOOTH_VOXELS = 0.7
 #: Finest through-plane spacing of the interpolated stack, as a fraction of the in-plane spacing.
 MAX_UPSAMPLE = 12
-_FAR = 1.0e4
-CAP_MODE = "extrapolate"
-INTERP = "cubic"  # mm; stand-in for "no structure in this slice"
+_FAR = 1.0e4  # mm; stand-in for "no structure in this slice"
 
 
 @dataclass
@@ -108,7 +112,9 @@ def slice_sdf(mask: np.ndarray, spacing: np.ndarray, smooth_voxels: float = SDF_
 
     The boundary sits half-way between inside and outside voxel centres. Slices without the
     structure take the mirror of their neighbour's map, so the structure ends half-way to them
-    (shape-based interpolation then caps it there).
+    (shape-based interpolation then caps it there); where the two slices before the gap hold
+    the structure, their through-plane trend is continued instead (a rounded end, as anatomy
+    has), never letting the structure reach the empty slice's centre plane.
     """
     si, sj = float(spacing[0]), float(spacing[1])
     half = 0.25 * (si + sj)
@@ -130,7 +136,7 @@ def slice_sdf(mask: np.ndarray, spacing: np.ndarray, smooth_voxels: float = SDF_
             if not (0 <= n < K and present[n]):
                 continue
             n2 = n + step
-            if CAP_MODE == "extrapolate" and 0 <= n2 < K and present[n2]:
+            if 0 <= n2 < K and present[n2]:
                 # continue the through-plane trend of the last two slices (a rounded end),
                 # but nothing is inside at this slice's centre plane
                 nb.append(np.maximum(2 * sdf[:, :, n] - sdf[:, :, n2], floor))
@@ -277,8 +283,6 @@ def _upsample_slices(sdf: np.ndarray, factor: int, clip: float, present: np.ndar
     k0, k3 = np.maximum(k1 - 1, 0), np.minimum(k1 + 2, K - 1)
     p0, p1, p2, p3 = s[:, :, k0], s[:, :, k1], s[:, :, k1 + 1], s[:, :, k3]
     lin = p1 * (1 - u) + p2 * u
-    if INTERP == "linear":
-        return lin
     u2, u3 = u * u, u * u * u
     cub = 0.5 * ((2 * p1) + (-p0 + p2) * u + (2 * p0 - 5 * p1 + 4 * p2 - p3) * u2
                  + (-p0 + 3 * p1 - 3 * p2 + p3) * u3)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.image import Image, ImageError, resample_to_grid, undo_reorient, validate_intensity_image
+from pipeline.image import Image, ImageError, resample_to_grid, validate_intensity_image
 
 #: Working voxel size (mm) along the reoriented R, A, S axes.
 DEFAULT_SPACING = (1.0, 1.0, 4.0)
@@ -83,8 +83,15 @@ class WorkingGrid:
         else:
             out = F.interpolate(t[None].float(), size=self.ras_shape, mode="trilinear",
                                 align_corners=False)[0]
-        arr = out.numpy()
-        return np.stack([undo_reorient(a, self.ornt) for a in arr]) if len(arr) else arr
+        # undo the reorientation on the whole (C, ...) tensor at once (inverse of
+        # nibabel.apply_orientation: original axis i is reoriented axis ornt[i, 0], flipped
+        # where ornt[i, 1] == -1), avoiding per-channel copies
+        perm = [0] + [1 + int(a) for a in self.ornt[:, 0]]
+        out = out.permute(*perm)
+        flips = [1 + i for i in range(3) if self.ornt[i, 1] < 0]
+        if flips:
+            out = torch.flip(out, dims=flips)
+        return np.ascontiguousarray(out.numpy())
 
 
 @dataclass

@@ -147,6 +147,10 @@ def atomic_write(path: str | Path, write_fn) -> None:
     os.close(fd)
     try:
         write_fn(tmp)
+        # mkstemp creates 0600 files: give the result the permissions a plain open() would
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -36,6 +36,7 @@ FRAME = "world RAS+ mm"
 USED = ("quadratus_femoris", "lesser_trochanter", "ischial_tuberosity", "hamstring_tendon",
         "iliopsoas_tendon", "femur", "gluteus_maximus", "subcutaneous_fat")
 SIDES = ("left", "right")
+TENDONS = ("hamstring_tendon", "iliopsoas_tendon")
 #: A second component holding more than this share of a bone/tendon's voxels is worth a warning.
 FRAGMENT_WARN_SHARE = 0.1
 
@@ -47,9 +48,11 @@ def _shift(affine: np.ndarray, offset) -> np.ndarray:
 
 
 def _main_part(hip: dict, name: str, warnings: list) -> Mask | None:
+    """A bone's largest connected part (stray blobs would fake a short distance); tendons are
+    kept whole, since a thin oblique tendon falls apart into per-slice pieces on thick slices."""
     m = hip.get(name)
-    if m is None:
-        return None
+    if m is None or name in TENDONS:
+        return m
     big, dropped = largest_component(m)
     if dropped > FRAGMENT_WARN_SHARE:
         warnings.append(f"{name}: {dropped:.0%} of its voxels lie in separate fragments; "
@@ -167,6 +170,11 @@ def _measure_hip(side: str, hip: dict, other: dict | None, labels: Image, images
     if ref is None and other and other.get("gluteus_maximus") is not None:
         ref = other["gluteus_maximus"]
         warn.append("reference muscle (gluteus maximus) from the other side")
+    subcut = hip.get("subcutaneous_fat") or (other or {}).get("subcutaneous_fat")
+    if qf is not None:
+        centre = aff[:3, :3] @ qf.indices().mean(0) + aff[:3, 3]
+        ref = signal.local_part(ref, aff, centre, cfg.reference_radius_mm) or ref
+        subcut = signal.local_part(subcut, aff, centre, cfg.reference_radius_mm) or subcut
     fluid = images.get("fluid")
     if fluid is None:
         rec["qf_edema"]["reason"] = "no fluid-sensitive image (T2 fat-sat or STIR) given"
@@ -179,9 +187,9 @@ def _measure_hip(side: str, hip: dict, other: dict | None, labels: Image, images
     if qf is None:
         fat = {"fat_fraction": None, "method": None, "reason": "no quadratus_femoris"}
     elif images.get("dixon_fat") is not None and images.get("dixon_water") is not None:
-        fat = signal.fat_dixon(images["dixon_fat"], images["dixon_water"], qf, aff, cfg)
+        fat = signal.fat_dixon(images["dixon_fat"], images["dixon_water"], qf, aff, cfg,
+                               ref)
     elif images.get("t1") is not None:
-        subcut = hip.get("subcutaneous_fat") or (other or {}).get("subcutaneous_fat")
         fat = signal.fat_t1(images["t1"], qf, ref, subcut, aff, cfg)
     else:
         fat = {"fat_fraction": None, "method": None, "reason": "no Dixon or T1 image given"}

@@ -101,8 +101,6 @@ def write_subject_outputs(out_dir, record: dict, labels: Image, display: Image |
         atomic_write(out_dir / "qc.png", lambda tmp: save_qc_png(tmp, display, labels, record))
         written["qc"] = out_dir / "qc.png"
     if dicom_seg_source is not None:
-        from pipeline.dicom_seg import write_dicom_seg
-
         atomic_write(out_dir / "labels.seg.dcm",
                      lambda tmp: write_dicom_seg(tmp, labels, dicom_seg_source))
         written["dicom_seg"] = out_dir / "labels.seg.dcm"
@@ -111,6 +109,53 @@ def write_subject_outputs(out_dir, record: dict, labels: Image, display: Image |
     write_json(done, record)
     written["measurements"] = done
     return written
+
+
+def write_dicom_seg(path, labels: Image, source: Image) -> None:
+    """Write the label map as a DICOM Segmentation (highdicom) referencing the source series.
+
+    ``labels`` must be on the grid of ``source``, a DICOM image loaded by ``pipeline.io`` (whose
+    ``meta["dicom_files"]`` lists its files in slice order; array axes = column, row, slice).
+    Segments are the project's structures, coded in a local scheme (99IFISEG) under the SNOMED
+    category "Anatomical Structure". The SEG copies the patient/study module of the source, as
+    the standard requires: it is a clinical object, not an anonymised output.
+    """
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    from pipeline import __version__
+    from pipeline.labels import label_names
+
+    files = source.meta.get("dicom_files")
+    if not files or len(files) != labels.shape[2]:
+        raise ValueError("DICOM SEG needs the source DICOM series on the label map's grid")
+    datasets = [pydicom.dcmread(f) for f in files]
+    for ds in datasets:   # type 2 attributes some exports omit; highdicom copies them (may be empty)
+        for attr in ("StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName", "AccessionNumber",
+                     "PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
+            if attr not in ds:
+                setattr(ds, attr, "")
+    frames = np.ascontiguousarray(np.transpose(np.asarray(labels.array, np.uint8), (2, 1, 0)))
+    names = label_names()
+    algorithm = hd.AlgorithmIdentificationSequence(name="ifi-seg", version=__version__,
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=value, segment_label=names[value].replace("_", " "),
+            segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=hd.sr.CodedConcept(value=names[value], scheme_designator="99IFISEG",
+                                                        meaning=names[value].replace("_", " ")),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm)
+        for value in range(1, len(names))]
+    seg = hd.seg.Segmentation(
+        source_images=datasets, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=999,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="ifi-seg",
+        manufacturer_model_name="ifi-seg", software_versions=__version__, device_serial_number="0",
+        series_description="ifi-seg hip structures")
+    seg.save_as(str(path))
 
 
 def _hip_slice_world(hip: dict) -> np.ndarray | None:

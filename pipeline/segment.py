@@ -110,7 +110,8 @@ def _bf16_ok(device) -> bool:
 def predict_logits(net, array: np.ndarray, meta: dict, device, bf16: bool | None = None):
     """Run the network on a (C, X, Y, Z) working-grid array; returns (K, X, Y, Z) float32 logits (torch).
 
-    Sliding window (``meta["inference"]``) with the input padded to the network's size divisor.
+    Input padded to the network's size divisor. ``meta["inference"]["mode"]``: "whole" (one pass),
+    "sliding_window" (MONAI, ``roi_size``/``overlap``) or "auto" (whole up to ``max_whole_voxels``).
     """
     import torch
     from monai.inferers import sliding_window_inference
@@ -130,7 +131,10 @@ def predict_logits(net, array: np.ndarray, meta: dict, device, bf16: bool | None
     roi = np.minimum(np.asarray(inf.get("roi_size", padded)), padded)
     roi = (np.ceil(roi / div) * div).astype(int)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        if inf.get("mode", "sliding_window") == "whole" or np.all(roi >= padded):
+        mode = inf.get("mode", "auto")
+        whole = mode == "whole" or np.all(roi >= padded) or (
+            mode == "auto" and int(np.prod(padded)) <= int(inf.get("max_whole_voxels", 4_500_000)))
+        if whole:
             out = net(x)
         else:
             out = sliding_window_inference(x, tuple(int(r) for r in roi), 1, net,
@@ -140,21 +144,21 @@ def predict_logits(net, array: np.ndarray, meta: dict, device, bf16: bool | None
 
 
 def _component_stats(lab: np.ndarray, n: int, affine: np.ndarray):
-    """Voxel counts, world centroids and world bounding boxes of components 1..n."""
-    from scipy import ndimage
+    """Voxel counts and world centroids of components 1..n of a component image."""
+    counts = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+    ijk = np.nonzero(lab)
+    ids = lab[ijk]
+    cents = np.stack([np.bincount(ids, weights=c, minlength=n + 1)[1:] for c in ijk], 1) / counts[:, None]
+    return counts, cents @ affine[:3, :3].T + affine[:3, 3]
 
-    idx = np.arange(1, n + 1)
-    counts = ndimage.sum_labels(np.ones(lab.shape, np.float32), lab, idx)
-    cents = np.asarray(ndimage.center_of_mass(np.ones(lab.shape, np.float32), lab, idx)).reshape(-1, 3)
-    world_c = cents @ affine[:3, :3].T + affine[:3, 3]
-    boxes = []
-    for sl in ndimage.find_objects(lab, max_label=n):
-        lo = np.array([s.start for s in sl], float) - 0.5
-        hi = np.array([s.stop for s in sl], float) - 0.5
-        corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
-        w = corners @ affine[:3, :3].T + affine[:3, 3]
-        boxes.append((w.min(0), w.max(0)))
-    return counts, world_c, boxes
+
+def _world_box(sl, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """World bounding box (min, max) of an index box given as a tuple of slices."""
+    lo = np.array([s.start for s in sl], float) - 0.5
+    hi = np.array([s.stop for s in sl], float) - 0.5
+    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+    w = corners @ affine[:3, :3].T + affine[:3, 3]
+    return w.min(0), w.max(0)
 
 
 def postprocess(labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
@@ -177,7 +181,7 @@ def postprocess(labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, dic
         lab, n = ndimage.label(mask, structure)
         if n <= 1:
             continue
-        counts, cents, boxes = _component_stats(lab, n, sub_aff)
+        counts, cents = _component_stats(lab, n, sub_aff)
         order = np.argsort(-counts)
         keep = np.zeros(n + 1, bool)
         if name in PAIRED:
@@ -189,14 +193,11 @@ def postprocess(labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, dic
                     keep[c + 1] = True
                     anchors.append(c)
                     break
-            for c in order:
-                if keep[c + 1]:
-                    continue
-                for a in anchors:
-                    lo, hi = boxes[a]
-                    if np.all(cents[c] >= lo - FRAGMENT_MARGIN_MM) and np.all(cents[c] <= hi + FRAGMENT_MARGIN_MM):
-                        keep[c + 1] = True
-                        break
+            objs_c = ndimage.find_objects(lab)
+            boxes = [_world_box(objs_c[a], sub_aff) for a in anchors]
+            for lo, hi in boxes:
+                near = np.all((cents >= lo - FRAGMENT_MARGIN_MM) & (cents <= hi + FRAGMENT_MARGIN_MM), axis=1)
+                keep[1:] |= near
         else:
             total = counts.sum()
             keep[1:] = (counts >= 0.01 * total) | (counts * voxel_mm3 >= ISLAND_MAX_MM3)

@@ -25,17 +25,91 @@ from .image import Image
 from .sides import Mask
 
 
-def erode_inplane(mask: Mask, affine: np.ndarray, min_voxels: int) -> Mask:
-    """Erode by one voxel within each slice; keep the original if too little would remain."""
+def erode_inplane(mask: Mask, affine: np.ndarray, min_voxels: int, depth_mm: float | None = None
+                  ) -> Mask:
+    """Drop the in-plane boundary layer of a mask; with ``depth_mm`` (half the voxel size of an
+    image on another grid) keep only voxels whose centres lie that far inside plus half a label
+    voxel (the nearest-voxel lookup's slack), so that image voxels there do not straddle the
+    boundary. Less deep if that would leave fewer than ``min_voxels`` (or a quarter)."""
+    affine = np.asarray(affine, float)
     ax = slice_axis(affine)
+    sp = np.linalg.norm(affine[:3, :3], axis=0)
+    inplane = [i for i in range(3) if i != ax]
+    h = float(max(sp[inplane]))
+    depth_mm = h if depth_mm is None else max(depth_mm + 0.5 * h, h)
     st = np.zeros((3, 3, 3), bool)
     idx = [slice(None)] * 3
     idx[ax] = 1
     st[tuple(idx)] = ndimage.generate_binary_structure(2, 1)
-    er = ndimage.binary_erosion(np.pad(mask.array, 1), st)[1:-1, 1:-1, 1:-1]
-    if er.sum() >= max(min_voxels, 0.25 * mask.count):
-        return Mask(mask.offset, er)
+    need = max(min_voxels, 0.25 * mask.count)
+    # n erosions keep centres at least (n + 0.5) voxels from the boundary
+    for n in range(int(np.ceil(depth_mm / h - 0.5 - 1e-6)), 0, -1):
+        er = ndimage.binary_erosion(np.pad(mask.array, 1), st, iterations=n)[1:-1, 1:-1, 1:-1]
+        if er.sum() >= need:
+            return Mask(mask.offset, er)
     return mask
+
+
+def _erode_through_plane(mask: Mask, affine: np.ndarray, min_voxels: int) -> Mask:
+    """Drop voxels on the structure's first/last slice at each point (an image on other slices
+    would straddle its upper or lower end), unless too little would remain."""
+    ax = slice_axis(affine)
+    st = np.zeros((3, 3, 3), bool)
+    idx = [1, 1, 1]
+    for k in (0, 1, 2):
+        idx[ax] = k
+        st[tuple(idx)] = True
+    er = ndimage.binary_erosion(np.pad(mask.array, 1), st)[1:-1, 1:-1, 1:-1]
+    return Mask(mask.offset, er) if er.sum() >= max(min_voxels, 0.25 * mask.count) else mask
+
+
+def local_part(mask: Mask | None, label_affine: np.ndarray, centre: np.ndarray,
+               radius_mm: float) -> Mask | None:
+    """The part of a (large) mask inside the box of half-size ``radius_mm`` around a world point:
+    a reference tissue near the QF sees nearly the same coil sensitivity (bias field)."""
+    if mask is None:
+        return None
+    aff = np.asarray(label_affine, float)
+    c = np.linalg.solve(aff[:3, :3], centre - aff[:3, 3]) - mask.offset
+    r = radius_mm / np.linalg.norm(aff[:3, :3], axis=0)
+    lo = np.maximum(np.floor(c - r).astype(int), 0)
+    hi = np.minimum(np.ceil(c + r).astype(int) + 1, mask.array.shape)
+    if np.any(hi <= lo):
+        return None
+    sub = mask.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    return Mask(mask.offset + lo, sub) if sub.any() else None
+
+
+def image_depth_mm(img: Image) -> float:
+    """Depth inside a structure at which an image voxel centred there lies fully inside it
+    (in-plane): half the image's largest in-plane voxel size."""
+    sp = img.spacing
+    ax = img.slice_axis()
+    return 0.5 * float(max(sp[i] for i in range(3) if i != ax))
+
+
+def noise_sigma(img: Image, mask: Mask, label_affine: np.ndarray) -> float | None:
+    """Noise standard deviation of ``img`` from differences of in-plane neighbour voxels inside
+    a homogeneous, bright structure (robust MAD; smooth bias fields and texture cancel)."""
+    m = np.linalg.inv(img.affine) @ np.asarray(label_affine, float)
+    v = np.rint(mask.indices() @ m[:3, :3].T + m[:3, 3]).astype(np.int64)
+    v = v[np.all((v >= 0) & (v < np.array(img.shape)), axis=1)]
+    if len(v) < 20:
+        return None
+    flat = np.unique(np.ravel_multi_index(v.T, img.shape))
+    diffs = []
+    ax = img.slice_axis()
+    for a in (i for i in range(3) if i != ax):
+        step = int(np.prod(img.shape[a + 1:]))
+        nb = flat + step
+        inside = np.isin(nb, flat)
+        idx = np.unravel_index(flat[inside], img.shape)
+        nidx = np.unravel_index(nb[inside], img.shape)
+        diffs.append(np.asarray(img.array[idx], float) - np.asarray(img.array[nidx], float))
+    d = np.concatenate(diffs) if diffs else np.zeros(0)
+    if d.size < 20:
+        return None
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
 
 
 #: Statistics of large structures (subcutaneous fat, gluteus maximus) use at most this many
@@ -125,22 +199,36 @@ def edema_grade(fraction_above: float, ratio: float, cfg: MeasureConfig) -> str:
 
 
 def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
-              cfg: MeasureConfig) -> dict:
-    """Mean fat fraction fat / (fat + water) over the (eroded) QF from Dixon images."""
+              cfg: MeasureConfig, reference: Mask | None = None) -> dict:
+    """Mean fat fraction fat / (fat + water) over the QF from magnitude Dixon images.
+
+    Only Dixon voxels lying wholly inside the QF count (the mask is eroded by half a Dixon
+    voxel). The magnitude noise floor, which lifts the small fat signal of lean muscle, is
+    removed per voxel (sqrt(M^2 - sigma^2)); sigma comes from neighbour differences of the
+    water image inside the reference muscle (water and fat share one acquisition's noise).
+    """
     from .image import resample_like
 
     if fat.shape != water.shape or not np.allclose(fat.affine, water.affine, atol=1e-3):
         water = resample_like(water, fat, order=1)
-    m = erode_inplane(qf, label_affine, cfg.min_signal_voxels)
+    m = erode_inplane(qf, label_affine, cfg.min_signal_voxels, image_depth_mm(fat))
+    m = _erode_through_plane(m, label_affine, cfg.min_signal_voxels)
     f = sample_in_mask(fat, m, label_affine)
     w = sample_in_mask(water, m, label_affine)
+    sigma = None
+    if reference is not None:
+        sigma = noise_sigma(water, erode_inplane(reference, label_affine, cfg.min_signal_voxels,
+                                                 image_depth_mm(water)), label_affine)
+    if sigma:
+        f = np.sqrt(np.maximum(f * f - sigma * sigma, 0.0))
+        w = np.sqrt(np.maximum(w * w - sigma * sigma, 0.0))
     s = f + w
     ok = s > 1e-6 * max(float(s.max(initial=0)), 1e-12)
     if ok.sum() < cfg.min_signal_voxels:
         return {"fat_fraction": None, "method": "dixon", "reason": "too few QF voxels with signal"}
     ff = np.clip(f[ok] / s[ok], 0.0, 1.0)
     return {"fat_fraction": float(ff.mean()), "fat_fraction_median": float(np.median(ff)),
-            "method": "dixon", "n_voxels": int(ok.sum()), "reason": None}
+            "method": "dixon", "noise_sigma": sigma, "n_voxels": int(ok.sum()), "reason": None}
 
 
 def fat_t1(t1: Image, qf: Mask, reference: Mask | None, subcut: Mask | None,

@@ -199,7 +199,16 @@ def test_dicom_input_labels_overlay_and_privacy(tmp_path):
         for s in secrets:
             assert s.encode() not in blob, f"{s} leaked into {f.name}"
     # the check can fail: with include_identifiers the fields are there
-    rec2 = run_subject({**chosen, "fluid_kind": "stir"}, tmp_path / "out2",
+    rec2 = run_subject({**chosen, "fluid_kind": "stir"}, tmp_path / "out2", write_dicom_seg=True,
                        labels_override=tmp_path / "truth_labels.nii.gz", include_identifiers=True)
     text = (tmp_path / "out2" / "measurements.json").read_text()
     assert FAKE_PATIENT_NAME in text and FAKE_PATIENT_ID in json.dumps(rec2)
+    # DICOM SEG: references the T1 slices and gives back the label map exactly
+    import highdicom as hd
+    import pydicom
+
+    seg = hd.seg.segread(str(tmp_path / "out2" / "labels.seg.dcm"))
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in t1_dicom.meta["dicom_files"]]
+    frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True,
+                                               skip_overlap_checks=True)
+    np.testing.assert_array_equal(np.transpose(frames, (2, 1, 0)), lab.array)

@@ -206,10 +206,11 @@ def draw_fov_kind(rng: np.random.Generator, fov_mix: dict | None = None) -> str:
     return _choice(rng, fov_mix or {"bilateral": 0.7, "left": 0.15, "right": 0.15})
 
 
-def _inplane(rng, fov_x: float, fov_y: float, pixel_range=(0.5, 1.0), n_range=(160, MAX_INPLANE)):
-    """Matrix and pixel size for a FOV: pixel drawn, matrix rounded to a multiple of 32."""
+def _inplane(rng, fov_x: float, fov_y: float, pixel_range=(0.5, 1.0), n_range=(64, MAX_INPLANE)):
+    """Matrix and pixel size for a FOV: pixel drawn, matrix rounded up to a multiple of 16 (so the
+    pixel does not exceed the drawn one unless the matrix hits its maximum)."""
     pix = rng.uniform(*pixel_range)
-    nx = int(np.clip(np.round(fov_x / pix / 32.0) * 32, n_range[0], n_range[1]))
+    nx = int(np.clip(np.ceil(fov_x / pix / 16.0) * 16, n_range[0], n_range[1]))
     pix = fov_x / nx
     ny = int(min(MAX_INPLANE, max(32, np.round(fov_y / pix))))
     return nx, ny, pix
@@ -284,7 +285,7 @@ def fit_to_anatomy(g: Geometry, lm: dict, inplane: bool, tol_mm: float = 10.0, m
             width = box[axis, 1] - box[axis, 0] - 2.0
             # in-plane extent of the rotated FOV along this world axis
             ext = np.abs(g.rotation[axis, :2]) @ (np.asarray(shape[:2]) * np.asarray(g.pixel)) / 2.0
-            if 2 * ext > width:
+            if 2 * ext > width:  # fewer pixels of the same size: a smaller FOV
                 shape[axis] = int(shape[axis] * width / (2 * ext))
                 ext = width / 2.0
             centre[axis] = np.clip(centre[axis], box[axis, 0] + 1 + ext, box[axis, 1] - 1 - ext)
@@ -305,13 +306,13 @@ def fit_to_anatomy(g: Geometry, lm: dict, inplane: bool, tol_mm: float = 10.0, m
     return g
 
 
-def _vary_fluid_geometry(rng, t1: Geometry, lm: dict, fov_kind: str) -> Geometry:
+def _vary_fluid_geometry(rng, t1: Geometry, lm: dict, fov_kind: str, pixel_range=None) -> Geometry:
     """A fluid-series grid different from the T1's (other thickness / pixel / positions / FOV)."""
     thick = float(np.round(rng.uniform(3.0, 6.0) * 2) / 2) if rng.uniform() < 0.6 else t1.thickness
     gap = t1.gap if rng.uniform() < 0.6 else (0.0 if rng.uniform() < 0.4 else float(rng.uniform(0.1, 0.3)))
     angles = t1.angles_deg if rng.uniform() < 0.7 else _angles(rng)
     g = draw_geometry(rng, lm, fov_kind, thickness=thick, gap=gap, angles=angles,
-                      fov_scale=rng.uniform(0.9, 1.1), pixel_range=(0.55, 1.0))
+                      fov_scale=rng.uniform(0.9, 1.1), pixel_range=pixel_range or (0.55, 1.0))
     if rng.uniform() < 0.5:  # same slab centre and FOV centre, different sampling
         g = Geometry(g.shape, g.pixel, g.thickness, g.gap,
                      (t1.centre[0], t1.centre[1], t1.centre[2] + rng.uniform(-0.5, 0.5) * g.slice_spacing),
@@ -354,7 +355,7 @@ def draw_protocol(rng: np.random.Generator, lm: dict, fov_kind: str, **overrides
     ``dixon`` (bool), ``orientation`` ("RAS", "LPS", "slice_first", "random" or a 3-letter code),
     ``oblique`` (False -> no tilt; a number -> tilt of that many degrees about the left-right axis),
     ``dtype`` ("float32" / "int16_scaled" / "int16"), ``fluid_same_grid`` (bool), ``snr`` (float,
-    for every series), ``thickness`` and ``gap`` (T1). All random numbers are drawn first in a
+    for every series), ``thickness`` and ``gap`` (T1), ``pixel`` (in-plane mm of T1 and fluid). All random numbers are drawn first in a
     fixed order, so an override changes nothing else about the subject.
     """
     field_t = 1.5 if rng.uniform() < 0.5 else 3.0
@@ -394,10 +395,13 @@ def draw_protocol(rng: np.random.Generator, lm: dict, fov_kind: str, **overrides
         angles = (0.0, 0.0, 0.0)
     elif ob is not None and ob is not True:
         angles = (float(ob), 0.0, 0.0)
-    t1 = draw_geometry(geo_rng, lm, fov_kind, thickness=overrides.get("thickness"), gap=overrides.get("gap"))
+    pix = overrides.get("pixel")
+    pix_range = (0.5, 1.0) if pix is None else (float(pix), float(pix))
+    t1 = draw_geometry(geo_rng, lm, fov_kind, thickness=overrides.get("thickness"), gap=overrides.get("gap"),
+                       pixel_range=pix_range)
     if angles is not None:
         t1 = Geometry(t1.shape, t1.pixel, t1.thickness, t1.gap, t1.centre, angles)
-    fluid = _vary_fluid_geometry(geo_rng, t1, lm, fov_kind)
+    fluid = _vary_fluid_geometry(geo_rng, t1, lm, fov_kind, None if pix is None else pix_range)
     if same:
         fluid = t1
     geos = {"t1": t1, "fluid": fluid}

@@ -22,10 +22,12 @@ Region definitions (``Region``; one definition for labels and truth):
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 from skimage.measure import marching_cubes
 
 from pipeline.config import MeasureConfig
@@ -44,8 +46,8 @@ DEFAULT_SPACING = (0.5, 0.5, 1.0)
 # Hip pose distribution (degrees; atlas.py conventions): a subject-wide part plus a per-side part
 # so that narrowing is sometimes bilateral, sometimes unilateral. Calibrated (with the shape
 # modes) to give a 3D IFS of ~4-35 mm with ~1/3 of hips <= 15 mm.
-ROT_MEAN, ROT_SD = 8.0, 8.0
-ADD_MEAN, ADD_SD = 2.0, 4.0
+ROT_MEAN, ROT_SD = 10.0, 8.0
+ADD_MEAN, ADD_SD = 3.0, 4.0
 FLEX_MEAN, FLEX_SD = 0.0, 5.0
 SIDE_SD = {"rotation": 5.0, "adduction": 2.5, "flexion": 3.0}
 
@@ -106,10 +108,14 @@ def draw_params(rng: np.random.Generator, **overrides) -> dict:
     p["subcut_fat_mm"] = {s: float(np.clip(14.0 * habitus * rng.uniform(0.9, 1.1), 3, 60)) for s in SIDES}
     p["muscle_scale"] = float(np.clip(rng.normal(1.0, 0.08), 0.8, 1.2))
     p["hamstring_tendon_mm"] = float(rng.uniform(8.0, 12.0))
+    p["hamstring_protrusion"] = float(rng.uniform(0.3, 0.5))  # share of the IFS (QFS ~ 0.5-0.7 IFS)
     p["fat_plane_prob"] = float(rng.uniform(0.5, 0.95))
     p["bladder_fill"] = float(rng.uniform(0.2, 1.0))
     p["seed_texture"] = int(rng.integers(0, 2**31 - 1))
-    p.update({k: v for k, v in overrides.items() if k in p or k.startswith("qf_")})
+    unknown = set(overrides) - set(p)
+    if unknown:
+        raise ValueError(f"unknown anatomy parameters {sorted(unknown)}; known: {sorted(p)}")
+    p.update(copy.deepcopy(overrides))
     return p
 
 
@@ -379,6 +385,9 @@ def build_anatomy(rng: np.random.Generator, *, fov: str = "bilateral", fine_spac
     spacing = np.asarray(fine_spacing if fine_spacing is not None else DEFAULT_SPACING, float)
     p = draw_params(rng, **{k: v for k, v in overrides.items() if k != "qf_pathology"})
     bones, regions = posed_bones(p)
+    gaps = {s: _quick_gap(bones, regions, s) for s in SIDES}
+    given = overrides.get("qf_pathology", {}) or {}
+    patho = {s: {**draw_qf_pathology(rng, gaps[s]), **given.get(s, {})} for s in SIDES}
     sides = SIDES if fov == "bilateral" else (fov,)
     L = {s: _side_lm(bones, s) for s in SIDES}
 
@@ -404,10 +413,9 @@ def build_anatomy(rng: np.random.Generator, *, fov: str = "bilateral", fine_spac
     _paint_body(P, body, p)
 
     # ---- muscles and soft tissue per side
-    path = {s: overrides.get("qf_pathology", {}).get(s) for s in SIDES}
     qf_info = {}
     for s in SIDES:
-        qf_info[s] = _paint_side(P, bones, L[s], s, p, regions[s])
+        qf_info[s] = _paint_side(P, bones, L[s], s, p, regions[s], patho[s]["atrophy"], gaps[s])
     _paint_midline(P, bones, L, p, body)
     _fill_muscles(P, L)
 
@@ -455,32 +463,24 @@ def build_anatomy(rng: np.random.Generator, *, fov: str = "bilateral", fine_spac
             hip["qfs_3d_mm"], hip["qfs_3d_points"] = best[0], [best[1].tolist(), best[2].tolist()]
         else:
             hip["qfs_3d_mm"], hip["qfs_3d_points"] = None, None
-        patho = path[s] or draw_qf_pathology(rng, d_ifs)
-        patho = {**draw_qf_pathology(rng, d_ifs), **patho} if path[s] else patho
         qsl = _label_crop(labels, LABELS["quadratus_femoris"], s, grid)
         qf = np.zeros(grid.shape, bool)
         if qsl is not None:
             qf[qsl] = labels[qsl] == LABELS["quadratus_femoris"]
-        ef, mff = _qf_pathology(qf, qsl, grid, fat_fraction, edema, patho, qf_info[s], tex)
+        ef, mff = _qf_pathology(qf, qsl, grid, fat_fraction, edema, patho[s], qf_info[s], tex)
         vol = float(qf.sum()) * vox_ml
-        hip.update({"qf_edema": patho["edema"], "qf_edema_fraction": ef, "qf_fat_fraction": mff,
+        hip.update({"qf_edema": patho[s]["edema"], "qf_edema_fraction": ef, "qf_fat_fraction": mff,
                     "qf_goutallier_grade": goutallier_grade(mff), "qf_volume_ml": vol,
-                    "qf_atrophy": float(patho["atrophy"]), "pose": dict(bones.pose[s])})
+                    "qf_atrophy": float(patho[s]["atrophy"]), "pose": dict(bones.pose[s])})
         hips[s] = hip
-    p["qf_pathology"] = {s: {k: (float(v) if not isinstance(v, str) else v) for k, v in
-                             draw_or(path[s], hips[s]).items()} for s in sides}
+    p["qf_pathology"] = {s: {k: (v if isinstance(v, str) else float(v)) for k, v in patho[s].items()}
+                         for s in SIDES}
     p["fov"] = fov
     p["pose"] = bones.pose
     p["fine_spacing"] = [float(v) for v in spacing]
     return Anatomy(affine=grid.affine, tissue=tissue, labels=labels, fat_fraction=fat_fraction,
                    edema=edema, surfaces={k: v for k, v in surfaces.items() if k[0] in sides},
                    hips=hips, params=p)
-
-
-def draw_or(given, hip) -> dict:
-    """The pathology actually applied to a hip (for params)."""
-    return {"edema": hip["qf_edema"], "edema_fraction": hip["qf_edema_fraction"],
-            "fat_fraction": hip["qf_fat_fraction"], "atrophy": hip["qf_atrophy"]}
 
 
 def _regions(b: Bones) -> dict:
@@ -500,7 +500,6 @@ def _regions(b: Bones) -> dict:
 
 def _quick_gap(b: Bones, regions: dict, s: str) -> float:
     """Nearest-vertex IT-LT gap (a fast upper bound of the IFS)."""
-    from scipy.spatial import cKDTree
     pv = b.pelvis.vertices[regions[s]["it"].contains_points(b.pelvis.vertices)]
     fv = b.femur[s].vertices[regions[s]["lt"].contains_points(b.femur[s].vertices)]
     return float(cKDTree(pv).query(fv)[0].min())
@@ -585,7 +584,8 @@ def _paint_body(P: Painter, body: dict, p: dict) -> None:
             view[valid & (dist < 0)] = SID["air"]
 
 
-def _paint_side(P: Painter, b: Bones, lm: dict, side: str, p: dict, region: dict) -> dict:
+def _paint_side(P: Painter, b: Bones, lm: dict, side: str, p: dict, region: dict, atrophy: float,
+                gap_mm: float) -> dict:
     """Muscles, tendons, nerve and vessels of one side. Returns QF geometry info."""
     s = lm["s"]
     H, LT, GT, IT, PT = lm["H"], lm["LT"], lm["GT"], lm["IT"], lm["PT"]
@@ -648,30 +648,52 @@ def _paint_side(P: Painter, b: Bones, lm: dict, side: str, p: dict, region: dict
         else:
             B.append([LT[0] + 10, LT[1]])
     A, B = np.asarray(A), np.asarray(B)
-    atro = float(p.get("qf_atrophy_hint", 1.0))
-    r = np.full(len(zq), 8.0 * ms * atro)
+    # a QF squeezed in a narrow space bulges (thicker front-to-back, pushed posteriorly)
+    bulge = 1.0 + 0.35 * float(np.clip((15.0 - gap_mm) / 10.0, 0.0, 1.0))
+    r = np.full(len(zq), 8.0 * ms * atrophy * bulge)
     r *= np.clip(1.0 - ((zq - zq.mean()) / (np.ptp(zq) / 2 + 1e-6)) ** 4 * 0.3, 0.5, 1)
     qf_id = SID["quadratus_femoris"]
     # centre line slightly posterior to the bone-to-bone line: QF lies behind the LT/IT gap
-    P.capsule2d(qf_id, zq, s * A[:, 0], A[:, 1] - 2, s * B[:, 0], B[:, 1] - 2, r)
+    back = 2.0 + (bulge - 1.0) * 10.0
+    P.capsule2d(qf_id, zq, s * A[:, 0], A[:, 1] - back, s * B[:, 0], B[:, 1] - back, r)
     fibre = np.array([s * (B[:, 0] - A[:, 0]).mean(), (B[:, 1] - A[:, 1]).mean(), 0.0])
 
     # gluteus maximus: posterior band, inside the deep fascia, posterior to an oblique line
     _paint_gmax(P, lm, side, soft)
 
-    # hamstring common tendon: from the posterolateral IT facet downward
+    # hamstring common tendon: on the posterolateral IT facet, protruding lateral to the IT
+    # cortex by a share of the ischiofemoral gap (so that QFS < IFS as in the literature), then
+    # running inferiorly
     ht = p["hamstring_tendon_mm"]
-    sel = near_it & (pv[:, 2] < IT[2] + 25)
-    q = pv[sel][np.argmin(pv[sel, 1] - 0.6 * s * pv[sel, 0])] if sel.any() else np.array([s * IT[0], IT[1], IT[2]])
-    hu, hy = s * q[0], q[1]
-    P.tube(SID["hamstring_tendon"], [(IT[2] + 22, hu - 2, hy + 2, ht / 2 + 1, ht / 2 - 1, 30),
-                                      (IT[2], hu + 2, hy - 3, ht / 2 + 2, ht / 2, 30),
-                                      (IT[2] - 30, hu + 6, hy - 4, ht / 2, ht / 2 - 1, 10)], s)
+    a_t, b_t = ht / 2, ht / 2 + 2.0  # half-thickness along the IT->LT direction, half-width across
+    protrude = float(np.clip(p["hamstring_protrusion"] * gap_mm, 1.0, 0.9 * ht))
+    it_v = pv[near_it]
+    lt_v = fv[region["lt"].contains_points(fv)]
+    _, j = cKDTree(lt_v).query(it_v)
+    k = int(np.argmin(np.linalg.norm(lt_v[j] - it_v, axis=1)))
+    gap_dir = np.array([s * (lt_v[j[k], 0] - it_v[k, 0]), lt_v[j[k], 1] - it_v[k, 1]])
+    gap_dir /= max(np.linalg.norm(gap_dir), 1e-6)
+    angle = float(np.degrees(np.arctan2(gap_dir[1], gap_dir[0])))
+    knots, last = [], None
+    for z in (IT[2] + 24, IT[2] + 14, IT[2] + 6, IT[2], IT[2] - 12, IT[2] - 30):
+        sel = np.abs(it_v[:, 2] - z) < 3
+        if sel.any():
+            uv = np.c_[s * it_v[sel, 0], it_v[sel, 1]]
+            last = uv[np.argmax(uv @ gap_dir)]  # IT cortex facing the LT at this level
+        if last is None:
+            continue
+        drop = max(0.0, IT[2] - z) * 0.15  # drifts slightly laterally and posteriorly lower down
+        c = last + gap_dir * (protrude - a_t) + np.array([drop, -2.0 - drop])
+        knots.append((z, c[0], c[1], a_t, b_t, angle))
+    if not knots:
+        knots = [(IT[2] + 20, IT[0] + 4, IT[1] - 6, a_t, b_t, 0.0), (IT[2] - 30, IT[0] + 8, IT[1] - 8, a_t, b_t, 0.0)]
+    P.tube(SID["hamstring_tendon"], knots, s)
+    hu, hy = knots[len(knots) // 2][1], knots[len(knots) // 2][2]
     # iliopsoas tendon: anterior to the hip, curving posteromedially to the LT tip
     P.tube(SID["iliopsoas_tendon"], [(H[2] + 5, H[0] - 8, H[1] + 26, 5, 3.5, 0),
                                       (LT[2] + 25, LT[0] - 4, H[1] + 8, 4.5, 3.5, 0),
-                                      (LT[2] + 4, LT[0] - 3, LT[1] + 3, 4, 3.5, 0),
-                                      (LT[2] - 2, LT[0] - 1, LT[1] + 1, 3, 3, 0)], s)
+                                      (LT[2] + 4, LT[0] - 1, LT[1] + 4, 3.5, 3, 0),
+                                      (LT[2] - 2, LT[0] + 1, LT[1] + 2, 2.5, 2.5, 0)], s)
     # sciatic nerve: posterior to QF, lateral to the hamstring origin (in a thin fat sheath)
     P.tube(SID["fat_rim"], [(zT, H[0] - 30, H[1] - 38, 11, 8, 20), (IT[2] + 20, hu + 16, IT[1] - 22, 11, 8, 20),
                             (zB, hu + 18, IT[1] - 18, 10, 8, 10)], s, only=[SID["deep_fat"]])

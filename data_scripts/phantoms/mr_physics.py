@@ -37,7 +37,9 @@ WATER_PARAMS: dict[str, tuple[float, float, float, float, float]] = {
     "tendon": (0.55, 600.0, 5.0, 850.0, 4.0),       # short T2 -> dark
     "cortical_bone": (0.15, 250.0, 0.5, 300.0, 0.4),  # very short T2 -> black
     "marrow": (0.90, 900.0, 45.0, 1100.0, 40.0),    # water part of yellow marrow (ff ~0.85)
-    "fluid": (1.00, 2850.0, 1210.0, 3620.0, 767.0),  # synovial fluid, Gold 2004
+    # bladder urine / joint fluid: T2 of synovial fluid (Gold 2004); T1 between synovial fluid
+    # (2850 / 3620 ms) and CSF (~4000+), so fluid stays darker than muscle on T1 spin echo
+    "fluid": (1.00, 3300.0, 1210.0, 4000.0, 767.0),
     "vessel": (0.85, 1441.0, 290.0, 1932.0, 275.0),  # blood, Stanisz 2005
     "nerve": (0.80, 815.0, 77.0, 1083.0, 78.0),     # Stanisz 2005 (optic nerve)
     "bowel": (0.70, 900.0, 60.0, 1100.0, 55.0),
@@ -48,8 +50,9 @@ WATER_PARAMS: dict[str, tuple[float, float, float, float, float]] = {
 #: ~250-290 ms (1.5 T) and ~330-380 ms (3 T); we use the effective values that the clinical STIR
 #: inversion times null (TI = T1 ln 2: ~160 ms at 1.5 T, ~220 ms at 3 T).
 FAT_PARAMS = {1.5: (230.0, 165.0), 3.0: (320.0, 133.0)}
-#: free water of muscle edema (T1, T2) in ms at 1.5 T and 3 T (extracellular water, rough).
-EDEMA_PARAMS = {1.5: (2000.0, 200.0), 3.0: (2500.0, 180.0)}
+#: free water of muscle edema (T1, T2) in ms at 1.5 T and 3 T (extracellular water, rough; proton
+#: density 1): bright on T2 fat-sat / STIR, iso- to slightly hypointense on T1.
+EDEMA_PARAMS = {1.5: (2500.0, 150.0), 3.0: (3200.0, 130.0)}
 
 SEQUENCES = ("t1", "t2fs", "stir", "dixon")
 
@@ -231,7 +234,7 @@ def simulate(seq: Sequence, ts: TissueSet, tissue: np.ndarray, fat_fraction: np.
     if box is not None:  # edema replaces part of the tissue water by free water (muscle only)
         w = water[box]
         ed = edema[box].astype(np.float32, copy=False)
-        w += ed * (tab["rho"][tissue[box]] * np.float32(tab["w_edema"]) - w)
+        w += ed * (np.float32(tab["w_edema"]) - w)
     _apply_factor(fat, fat_residual)
     # S = water * (1 - ff) + fat * ff = water + ff * (fat - water)
     fat -= water

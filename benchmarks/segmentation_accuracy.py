@@ -1,0 +1,215 @@
+"""Accuracy of the segmentation network on a phantom cohort, with exact ground truth.
+
+    python benchmarks/segmentation_accuracy.py --cohort DIR [--model PATH] [--modes both,t1,fluid]
+                                               [--limit N] [--out results.csv]
+
+For every subject of ``DIR/cohort.csv`` and every input mode (both sequences / T1 only / fluid
+only) it segments the scan and reports:
+
+* Dice per class, overall and per side (voxels assigned to the nearer of the truth hips'
+  centres along world x; ``truth.json`` gives the IT/LT points of each hip present);
+* left/right confusion: (a) voxels of a paired class predicted on a side where the truth has
+  none of that class (> 100 mm^3 counts as confusion), (b) a measured hip whose IFS points lie
+  nearer to the other truth hip;
+* end to end: ``pipeline.measure.measure_hips`` on the predicted labels vs ``truth.json``
+  (IFS ``ifs_3d_mm``, QFS ``qfs_3d_mm``, edema grade, Goutallier grade); the same on the true
+  label map (``--truth-labels``) separates segmentation error from measurement error.
+
+Prints a summary (means per mode) against the targets of the issue; writes one CSV row per
+subject, mode and side with ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.image import load_nifti, resample_like  # noqa: E402
+from pipeline.labels import LABELS, label_names  # noqa: E402
+from pipeline.segment import PAIRED  # noqa: E402
+
+TARGETS = {"quadratus_femoris": 0.90, "lesser_trochanter": 0.85, "ischial_tuberosity": 0.90,
+           "hamstring_tendon": 0.85}
+SIDES = ("left", "right")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks (NaN when both are empty)."""
+    s = int(a.sum()) + int(b.sum())
+    return float("nan") if s == 0 else 2.0 * int(np.logical_and(a, b).sum()) / s
+
+
+def hip_centres(truth: dict) -> dict[str, np.ndarray]:
+    """World centre of each hip present in the truth (mean of its IFS/QFS end points)."""
+    out = {}
+    for side in SIDES:
+        h = truth.get("hips", {}).get(side) or {}
+        pts = [p for k in ("ifs_3d_points", "qfs_3d_points") for p in (h.get(k) or [])]
+        if pts:
+            out[side] = np.mean(np.asarray(pts, float), axis=0)
+    return out
+
+
+def side_map(img, centres: dict) -> np.ndarray | None:
+    """Per-voxel side index (0 left, 1 right) by nearest hip centre along world x."""
+    if not centres:
+        return None
+    names = list(centres)
+    ijk = np.indices(img.shape, dtype=np.float32).reshape(3, -1)
+    x = (img.affine[0, :3].astype(np.float32) @ ijk + np.float32(img.affine[0, 3])).reshape(img.shape)
+    cx = np.array([centres[n][0] for n in names])
+    idx = np.abs(x[..., None] - cx).argmin(-1)
+    return np.array([SIDES.index(n) for n in names])[idx]
+
+
+def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool) -> list[dict]:
+    """All metrics of one subject; one dict per (mode, side) plus one per mode with side 'all'."""
+    from pipeline.measure import measure_hips
+    from pipeline.segment import segment
+
+    t1 = load_nifti(cohort / row["t1"], "t1") if row.get("t1") else None
+    fluid = None
+    if row.get("fluid"):
+        fluid = load_nifti(cohort / row["fluid"])
+        fluid.meta["fluid_kind"] = row.get("fluid_kind") or ("stir" if "stir" in row["fluid"] else "t2fs")
+    truth_lab = load_nifti(cohort / row["labels"], "labels")
+    truth = json.loads((cohort / row["truth"]).read_text()) if row.get("truth") else {}
+    centres = hip_centres(truth)
+    all_imgs = {"t1": t1, "fluid": fluid}
+    rows = []
+    runs = [(m, {k: v for k, v in all_imgs.items() if v is not None and (m == "both" or k == m)}) for m in modes]
+    if truth_labels:
+        runs.append(("truth_labels", None))
+    for mode, imgs in runs:
+        if imgs is not None and not imgs:
+            continue
+        t0 = time.perf_counter()
+        if imgs is None:
+            pred, conf, seconds = truth_lab, {}, 0.0
+            meas_imgs = {k: v for k, v in all_imgs.items() if v is not None}
+        else:
+            seg = segment(imgs, model)
+            pred, conf, seconds = seg.labels, seg.confidence, time.perf_counter() - t0
+            meas_imgs = imgs
+        tl = truth_lab if (pred.shape == truth_lab.shape and np.allclose(pred.affine, truth_lab.affine)) \
+            else resample_like(truth_lab, pred, order=0)
+        sides = side_map(pred, centres)
+        measured = measure_hips(pred, meas_imgs)
+        voxel_mm3 = float(abs(np.linalg.det(pred.affine[:3, :3])))
+        for side in ("all", *SIDES):
+            rec = {"subject": row["subject"], "mode": mode, "side": side, "seconds": round(seconds, 2)}
+            if side != "all" and side not in centres:
+                continue
+            sel = np.ones(pred.shape, bool) if side == "all" else (sides == SIDES.index(side))
+            for name, v in LABELS.items():
+                if v == 0:
+                    continue
+                rec[f"dice_{name}"] = dice((pred.array == v) & sel, (tl.array == v) & sel)
+                if side == "all" and conf:
+                    rec[f"conf_{name}"] = conf.get(name)
+            if side == "all" and sides is not None:
+                wrong = 0.0
+                for name in PAIRED:
+                    v = LABELS[name]
+                    for si, s in enumerate(SIDES):
+                        on = sides == si
+                        if not (tl.array[on] == v).any():
+                            wrong += float((pred.array[on] == v).sum()) * voxel_mm3
+                rec["wrong_side_mm3"] = wrong
+                rec["lr_confusion"] = int(wrong > 100.0)
+            if side != "all":
+                m = measured["hips"].get(side) or {}
+                t = truth["hips"].get(side) or {}
+                for key, tkey in (("ifs_mm", "ifs_3d_mm"), ("qfs_mm", "qfs_3d_mm")):
+                    mv, tv = m.get(key), t.get(tkey)
+                    rec[key] = mv
+                    rec[f"{key}_truth"] = tv
+                    rec[f"{key}_abs_err"] = abs(mv - tv) if mv is not None and tv is not None else None
+                ed = (m.get("qf_edema") or {}).get("grade")
+                rec["edema_grade"], rec["edema_truth"] = ed, t.get("qf_edema")
+                rec["goutallier"], rec["goutallier_truth"] = m.get("qf_goutallier_grade"), t.get("qf_goutallier_grade")
+                pts = m.get("ifs_points")
+                if pts and len(centres) == 2:
+                    p = np.mean(np.asarray(pts, float), axis=0)
+                    nearest = min(centres, key=lambda s: abs(centres[s][0] - p[0]))
+                    rec["lr_confusion"] = int(nearest != side)
+            rows.append(rec)
+    return rows
+
+
+def summarise(rows: list[dict]) -> str:
+    """Text summary: mean Dice per key class per mode, MAE, confusion, agreement."""
+    lines = []
+    modes = sorted({r["mode"] for r in rows}, key=lambda m: ["both", "t1", "fluid", "truth_labels"].index(m))
+    for mode in modes:
+        rs = [r for r in rows if r["mode"] == mode and r["side"] == "all"]
+        sd = [r for r in rows if r["mode"] == mode and r["side"] != "all"]
+        lines.append(f"== {mode}: {len(rs)} subjects, {len(sd)} hips")
+        for name in label_names()[1:]:
+            vals = np.array([r[f"dice_{name}"] for r in rs], float)
+            side_vals = np.array([r[f"dice_{name}"] for r in sd], float)
+            tgt = TARGETS.get(name)
+            mark = "" if tgt is None else f"  (target >= {tgt:.2f}: {'OK' if np.nanmean(vals) >= tgt else 'MISS'})"
+            lines.append(f"  Dice {name:20s} mean {np.nanmean(vals):.3f} median {np.nanmedian(vals):.3f} "
+                         f"min {np.nanmin(vals):.3f} | per hip mean {np.nanmean(side_vals):.3f}{mark}")
+        for key in ("ifs_mm", "qfs_mm"):
+            e = np.array([r[f"{key}_abs_err"] for r in sd if r.get(f"{key}_abs_err") is not None], float)
+            n_missing = sum(1 for r in sd if r.get(f"{key}_truth") is not None and r.get(key) is None)
+            if e.size:
+                lines.append(f"  {key[:3].upper()} MAE {e.mean():.2f} mm (median {np.median(e):.2f}, max {e.max():.2f}, "
+                             f"n={e.size}, not measured {n_missing}) target <= 1.0: {'OK' if e.mean() <= 1.0 else 'MISS'}")
+        conf = sum(int(r.get("lr_confusion") or 0) for r in rs + sd)
+        lines.append(f"  left/right confusions: {conf}")
+        for key in ("edema_grade", "goutallier"):
+            pairs = [(r[key], r[f"{key.split('_')[0]}_truth"]) for r in sd
+                     if r.get(f"{key.split('_')[0]}_truth") is not None]
+            if pairs:
+                agree = np.mean([str(a) == str(b) for a, b in pairs])
+                lines.append(f"  {key} agreement {agree:.2f} (n={len(pairs)})")
+        secs = [r["seconds"] for r in rs if r["seconds"]]
+        if secs:
+            lines.append(f"  seconds per scan: median {np.median(secs):.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Command-line entry point."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cohort", required=True)
+    ap.add_argument("--model", default=None, help="bundle (default: the bundled model)")
+    ap.add_argument("--modes", default="both,t1,fluid")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--truth-labels", action="store_true", help="also measure on the true label maps")
+    ap.add_argument("--out", default=None, help="CSV of per-subject/side results")
+    a = ap.parse_args(argv)
+    from pipeline.segment import load_model
+
+    cohort = Path(a.cohort)
+    model = load_model(a.model, device="auto")
+    with open(cohort / "cohort.csv", newline="") as f:
+        subjects = list(csv.DictReader(f))[: a.limit]
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    rows = []
+    for i, row in enumerate(subjects):
+        rows.extend(evaluate_subject(row, cohort, model, modes, a.truth_labels))
+        print(f"[{i + 1}/{len(subjects)}] {row['subject']}", file=sys.stderr)
+    print(summarise(rows))
+    if a.out:
+        keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("subject", "mode", "side"), k))
+        with open(a.out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,462 @@
+"""Train the ifi-seg segmentation network (the engine behind ``train.py``).
+
+Data layout
+-----------
+``--data`` is either
+
+* a phantom cohort folder holding ``cohort.csv`` (written by ``data_scripts/make_phantoms.py``),
+  columns ``subject,t1,fluid,fluid_kind,dixon_fat,dixon_water,labels,truth``; or
+* any CSV file with columns ``subject,t1,fluid,labels`` and optionally ``label_table``, e.g. for a
+  group's own scans exported from ITK-SNAP or 3D Slicer::
+
+      subject,t1,fluid,labels,label_table
+      case01,case01/t1.nii.gz,case01/stir.nii.gz,case01/seg.nii.gz,itksnap_labels.json
+      case02,case02/t1.nii.gz,,case02/seg.nii.gz,itksnap_labels.json
+
+Paths are relative to the CSV's folder (absolute paths also work). ``t1`` or ``fluid`` may be
+empty, not both. ``labels`` is a NIfTI label map on any grid overlapping the images (resampled
+in world coordinates); it uses the project's label values (``pipeline/labels.py``) unless
+``label_table`` names a JSON ``{"name": value}`` table with its own numbering, which is mapped
+onto the project's by structure name (unknown names become background).
+
+What one training run does
+--------------------------
+Every subject is put on the working grid exactly as at inference (``pipeline.grid``) and cached
+(``RUN_DIR/cache/*.npz`` on disk, then a MONAI ``CacheDataset`` in memory). Each step draws
+``--batch`` random patches from one subject, centred on a structure (small structures are
+oversampled), and augments them: left-right flip, small rotations/scaling, light elastic
+deformation, SynthSeg-style random contrast per label, bias field, gamma, histogram shift,
+noise, blur, simulated low resolution and random channel dropout (T1 only / fluid only / both).
+Loss Dice + cross-entropy, AdamW with a polynomial learning-rate decay over the epoch or time
+budget. After each epoch: Dice per class on the validation subjects (whole volumes, sliding
+window as at inference), ``RUN_DIR/log.csv`` + ``log.txt``, bundles ``RUN_DIR/last`` and
+``RUN_DIR/best`` (``.safetensors`` + ``.json``), and ``RUN_DIR/checkpoint.pt`` (optimizer state,
+loaded with ``weights_only=True``) for ``--resume``.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.labels import LABELS, NUM_CLASSES, label_names, read_label_table, remap_to_project
+
+#: Structures the "done" criteria are about; the best checkpoint maximises their mean Dice.
+KEY_STRUCTURES = ("quadratus_femoris", "lesser_trochanter", "ischial_tuberosity", "hamstring_tendon")
+
+#: Relative frequency of patch centres per class (index = label value): small structures first.
+CLASS_RATIOS = {"background": 0.5, "quadratus_femoris": 2.0, "lesser_trochanter": 3.0,
+                "ischial_tuberosity": 2.0, "hamstring_tendon": 2.0, "femur": 1.0, "pelvis": 1.0,
+                "gluteus_maximus": 0.5, "subcutaneous_fat": 0.3, "iliopsoas_tendon": 1.5,
+                "other_muscle": 0.5}
+
+
+@dataclass
+class TrainConfig:
+    """Options of one training run (mirrors the ``train.py`` command line)."""
+
+    data: str
+    out: str
+    epochs: int = 1000
+    minutes: float | None = None
+    steps_per_epoch: int = 100
+    batch: int = 2
+    patch: tuple = (128, 128, 16)
+    lr: float = 2e-3
+    val_fraction: float = 0.15
+    max_val: int = 8
+    seed: int = 0
+    resume: bool = False
+    device: str = "auto"
+    init: str | None = None
+    workers: int = 0
+    bf16: bool = False
+    threads: int | None = None
+    progress: bool = True
+
+
+# ----------------------------------------------------------------------------------- data
+def read_dataset(data: str | Path) -> list[dict]:
+    """Read the subject list (see module docstring); returns dicts with absolute paths."""
+    data = Path(data)
+    csv_path = data / "cohort.csv" if data.is_dir() else data
+    if not csv_path.exists():
+        raise FileNotFoundError(f"{csv_path} not found (expected a cohort folder with cohort.csv or a CSV file)")
+    root = csv_path.parent
+    out = []
+    with open(csv_path, newline="") as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            def path(key):
+                v = (row.get(key) or "").strip()
+                return str((root / v).resolve()) if v else None
+            rec = {"subject": (row.get("subject") or f"row{i}").strip(), "t1": path("t1"),
+                   "fluid": path("fluid"), "labels": path("labels"), "label_table": path("label_table")}
+            if rec["labels"] is None or (rec["t1"] is None and rec["fluid"] is None):
+                raise ValueError(f"{csv_path}: row {i + 1} ({rec['subject']}) needs labels and t1 and/or fluid")
+            out.append(rec)
+    if not out:
+        raise ValueError(f"{csv_path}: no subjects")
+    return out
+
+
+def preprocess_subject(rec: dict, meta: dict) -> dict:
+    """Load one subject and put images (float16) and labels (uint8) on its working grid."""
+    from pipeline.grid import labels_to_grid, prepare_inputs
+    from pipeline.image import load_nifti
+
+    images = {}
+    if rec.get("t1"):
+        images["t1"] = load_nifti(rec["t1"], "t1")
+    if rec.get("fluid"):
+        images["fluid"] = load_nifti(rec["fluid"])
+    inp = prepare_inputs(images, meta["input_channels"], meta["working_spacing_mm"], None, meta["normalisation"])
+    lab = load_nifti(rec["labels"], "labels")
+    if rec.get("label_table"):
+        lab = lab.with_array(remap_to_project(lab.array, read_label_table(rec["label_table"])))
+    elif lab.array.max() >= NUM_CLASSES:
+        raise ValueError(f"{rec['labels']}: values above {NUM_CLASSES - 1}; give a label_table column")
+    return {"image": inp.array.astype(np.float16), "label": labels_to_grid(lab, inp.grid)[None]}
+
+
+class LoadCachedSubjectd:
+    """Deterministic MONAI-style transform: record -> preprocessed arrays (disk cache in ``cache_dir``)."""
+
+    def __init__(self, meta: dict, cache_dir: Path):
+        self.meta, self.cache_dir = meta, Path(cache_dir)
+
+    def __call__(self, rec: dict) -> dict:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        key = "".join(c if c.isalnum() or c in "-_." else "_" for c in rec["subject"])
+        path = self.cache_dir / f"{key}.npz"
+        stamp = max(os.path.getmtime(p) for p in (rec["t1"], rec["fluid"], rec["labels"]) if p)
+        if path.exists() and os.path.getmtime(path) >= stamp:
+            with np.load(path, allow_pickle=False) as z:
+                d = {"image": z["image"], "label": z["label"]}
+        else:
+            d = preprocess_subject(rec, self.meta)
+            from pipeline.image import atomic_write
+
+            atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), **d))
+        return {"subject": rec["subject"], **d}
+
+
+# ----------------------------------------------------------------------------- transforms
+def _randomisable_base():
+    from monai.transforms import MapTransform, RandomizableTransform
+
+    return MapTransform, RandomizableTransform
+
+
+_MapTransform, _RandomizableTransform = _randomisable_base()
+
+
+class RandDomainRandomisationd(_RandomizableTransform, _MapTransform):
+    """SynthSeg-style contrast randomisation (Billot et al. 2023).
+
+    With probability ``prob`` every present image channel is replaced by a random intensity per
+    label (mean ~ U(0, 1.2), sd ~ U(0, 0.08) of the normalised range, drawn per sample and
+    channel), blurred; unlabelled tissue (background) keeps its own texture scaled by a random
+    factor. The network then keys on shape and context rather than on the phantom's contrast.
+    """
+
+    def __init__(self, keys=("image",), label_key="label", prob=0.3):
+        _RandomizableTransform.__init__(self, prob)
+        _MapTransform.__init__(self, keys)
+        self.label_key = label_key
+
+    def __call__(self, data):
+        import torch
+        from monai.transforms import GaussianSmooth
+
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        lab = torch.as_tensor(d[self.label_key])[0].round().long().clamp(0, NUM_CLASSES - 1)
+        for key in self.keys:
+            img = torch.as_tensor(d[key]).clone()
+            for c in range(img.shape[0]):
+                if not torch.any(img[c] != 0):
+                    continue                           # absent channel stays absent
+                mu = torch.from_numpy(self.R.uniform(0.0, 1.2, NUM_CLASSES)).float()
+                sd = torch.from_numpy(self.R.uniform(0.0, 0.08, NUM_CLASSES)).float()
+                noise = torch.from_numpy(self.R.standard_normal(lab.shape).astype(np.float32))
+                new = mu[lab] + sd[lab] * noise
+                bg = lab == 0
+                new[bg] = img[c][bg] * float(self.R.uniform(0.5, 1.5))
+                sigma = float(self.R.uniform(0.0, 1.0))
+                if sigma > 0.1:
+                    new = GaussianSmooth(sigma=(sigma, sigma, sigma * 0.25))(new[None])[0]
+                img[c] = torch.as_tensor(new).clamp(0.0, 1.5)
+            d[key] = img
+        return d
+
+
+class RandChannelDropoutd(_RandomizableTransform, _MapTransform):
+    """With probability ``prob`` zero one of the two channels (T1 only / fluid only at inference).
+
+    Applied last, so a dropped channel is exactly zero like a missing series at inference.
+    Never drops the only channel that carries signal.
+    """
+
+    def __init__(self, keys=("image",), prob=0.4):
+        _RandomizableTransform.__init__(self, prob)
+        _MapTransform.__init__(self, keys)
+
+    def __call__(self, data):
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        for key in self.keys:
+            img = d[key]
+            alive = [c for c in range(img.shape[0]) if bool((img[c] != 0).any())]
+            if len(alive) >= 2:
+                img = img.clone()
+                img[alive[self.R.randint(len(alive))]] = 0
+                d[key] = img
+        return d
+
+
+def train_transforms(meta: dict, cache_dir: Path, batch: int, patch) -> "object":
+    """The MONAI dictionary transform chain (deterministic head is cached by CacheDataset)."""
+    from monai.transforms import (CastToTyped, ClassesToIndicesd, Compose, EnsureTyped, Rand3DElasticd,
+                                  RandAdjustContrastd, RandAffined, RandBiasFieldd, RandCropByLabelClassesd,
+                                  RandFlipd, RandGaussianNoised, RandGaussianSmoothd, RandHistogramShiftd,
+                                  RandSimulateLowResolutiond, SpatialPadd)
+
+    patch = tuple(int(p) for p in patch)
+    big = (int(patch[0] * 1.25), int(patch[1] * 1.25), int(patch[2] + 4))
+    names = label_names()
+    ratios = [CLASS_RATIOS.get(n, 1.0) for n in names]
+    keys = ("image", "label")
+    return Compose([
+        LoadCachedSubjectd(meta, cache_dir),
+        SpatialPadd(keys, big),
+        ClassesToIndicesd("label", num_classes=NUM_CLASSES, max_samples_per_class=2000),
+        EnsureTyped(keys, track_meta=False),
+        # --- random from here on (not cached)
+        RandCropByLabelClassesd(keys, "label", big, ratios=ratios, num_classes=NUM_CLASSES,
+                                num_samples=batch, indices_key="label_cls_indices", warn=False),
+        CastToTyped(keys, dtype=(np.float32, np.float32)),
+        # Left-right mirroring is safe: the classes are side-agnostic (no left/right label values);
+        # sides are assigned from world coordinates after segmentation.
+        RandFlipd(keys, prob=0.5, spatial_axis=0),
+        RandAffined(keys, spatial_size=patch, prob=0.8, rotate_range=(0.1, 0.1, 0.3),
+                    scale_range=(0.12, 0.12, 0.12), mode=("bilinear", "nearest"), padding_mode="zeros"),
+        Rand3DElasticd(keys, sigma_range=(6, 8), magnitude_range=(20, 60), prob=0.1,
+                       mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandDomainRandomisationd(("image",), "label", prob=0.3),
+        RandBiasFieldd("image", coeff_range=(0.0, 0.3), prob=0.3),
+        RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
+        RandHistogramShiftd("image", num_control_points=(5, 10), prob=0.1),
+        RandSimulateLowResolutiond("image", zoom_range=(0.5, 1.0), prob=0.15),
+        RandGaussianSmoothd("image", sigma_x=(0.0, 0.8), sigma_y=(0.0, 0.8), sigma_z=(0.0, 0.3), prob=0.1),
+        RandGaussianNoised("image", std=0.05, prob=0.3),
+        RandChannelDropoutd(("image",), prob=0.4),
+        EnsureTyped(keys, track_meta=False),
+    ])
+
+
+def val_transforms(meta: dict, cache_dir: Path):
+    """Deterministic chain for validation volumes."""
+    from monai.transforms import Compose
+
+    return Compose([LoadCachedSubjectd(meta, cache_dir)])
+
+
+# ------------------------------------------------------------------------------- training
+def _log(run_dir: Path, text: str) -> None:
+    with open(run_dir / "log.txt", "a") as f:
+        f.write(text + "\n")
+
+
+def _split(records: list[dict], cfg: TrainConfig, run_dir: Path) -> tuple[list[dict], list[dict]]:
+    split_path = run_dir / "split.json"
+    if cfg.resume and split_path.exists():
+        s = json.loads(split_path.read_text())
+        by = {r["subject"]: r for r in records}
+        return [by[n] for n in s["train"] if n in by], [by[n] for n in s["val"] if n in by]
+    order = list(range(len(records)))
+    random.Random(cfg.seed).shuffle(order)
+    n_val = 0 if len(records) < 2 else min(cfg.max_val, max(1, int(round(cfg.val_fraction * len(records)))))
+    val = [records[i] for i in order[:n_val]]
+    train = [records[i] for i in order[n_val:]]
+    split_path.write_text(json.dumps({"train": [r["subject"] for r in train],
+                                      "val": [r["subject"] for r in val]}, indent=1))
+    return train, val
+
+
+def validate(net, val_items: list[dict], meta: dict, device) -> dict[str, float]:
+    """Dice per class (MONAI DiceMetric) over whole validation volumes, both channels."""
+    import torch
+    from monai.metrics import DiceMetric
+
+    from pipeline.segment import predict_logits
+
+    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    net.eval()
+    for it in val_items:
+        logits = predict_logits(net, np.asarray(it["image"], np.float32), meta, device)
+        pred = logits.argmax(0)
+        lab = torch.as_tensor(np.asarray(it["label"][0]), dtype=torch.long)
+        oh_p = torch.nn.functional.one_hot(pred, NUM_CLASSES).permute(3, 0, 1, 2)[None]
+        oh_t = torch.nn.functional.one_hot(lab, NUM_CLASSES).permute(3, 0, 1, 2)[None]
+        metric(oh_p, oh_t)
+    per = metric.aggregate().cpu().numpy() if val_items else np.full(NUM_CLASSES - 1, np.nan)
+    names = label_names()[1:]
+    return {n: float(v) for n, v in zip(names, per)}
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """Train per ``cfg``; returns a summary (best score, epochs, run dir). See module docstring."""
+    import torch
+    from monai.data import CacheDataset, DataLoader, list_data_collate
+    from monai.losses import DiceCELoss
+    from monai.utils import set_determinism
+
+    from models.bundle import default_metadata, load_bundle, model_from_metadata, save_bundle
+
+    t_start = time.time()
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg.device == "auto" else cfg.device))
+    set_determinism(seed=cfg.seed)
+    records = read_dataset(cfg.data)
+    train_recs, val_recs = _split(records, cfg, run_dir)
+    if not train_recs:
+        raise ValueError("no training subjects")
+    command = "python train.py " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("train.py") else None
+    meta = default_metadata(patch_size=list(cfg.patch))
+    meta["inference"]["roi_size"] = [max(224, cfg.patch[0]), max(224, cfg.patch[1]), max(48, cfg.patch[2])]
+    meta["training"] = {
+        "data": str(cfg.data), "n_train": len(train_recs), "n_val": len(val_recs),
+        "train_subjects": [r["subject"] for r in train_recs], "val_subjects": [r["subject"] for r in val_recs],
+        "seed": cfg.seed, "batch": cfg.batch, "patch": list(cfg.patch), "lr": cfg.lr,
+        "epochs": cfg.epochs, "minutes": cfg.minutes, "steps_per_epoch": cfg.steps_per_epoch,
+        "command": command, "device": device.type, "torch": torch.__version__,
+        "augmentation": "flip LR, affine, elastic, SynthSeg contrast, bias, gamma, histogram shift, "
+                        "low resolution, blur, noise, channel dropout",
+    }
+    cohort_info = Path(cfg.data) / "cohort.json" if Path(cfg.data).is_dir() else None
+    if cohort_info is not None and cohort_info.exists():
+        meta["training"]["cohort"] = json.loads(cohort_info.read_text())
+
+    net = model_from_metadata(meta).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-5)
+    start_epoch, elapsed_before, best = 0, 0.0, -1.0
+    ckpt_path = run_dir / "checkpoint.pt"
+    if cfg.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        last_net, _ = load_bundle(run_dir / "last", device=device)
+        net.load_state_dict(last_net.state_dict())
+        opt.load_state_dict(ck["optimizer"])
+        start_epoch, elapsed_before, best = int(ck["epoch"]), float(ck["elapsed_s"]), float(ck["best"])
+        _log(run_dir, f"resumed at epoch {start_epoch} (elapsed {elapsed_before / 60:.1f} min, best {best:.4f})")
+    elif cfg.init:
+        init_net, _ = load_bundle(cfg.init, device=device)
+        net.load_state_dict(init_net.state_dict())
+        _log(run_dir, f"initialised from {cfg.init}")
+
+    cache_dir = run_dir / "cache"
+    t0 = time.time()
+    train_ds = CacheDataset(train_recs, train_transforms(meta, cache_dir, cfg.batch, cfg.patch),
+                            cache_rate=1.0, num_workers=0, progress=cfg.progress)
+    val_items = [val_transforms(meta, cache_dir)(r) for r in val_recs]
+    _log(run_dir, f"cached {len(train_recs)} training + {len(val_recs)} validation subjects "
+                  f"in {time.time() - t0:.0f} s")
+    loader = DataLoader(train_ds, batch_size=1, shuffle=True, num_workers=cfg.workers,
+                        collate_fn=list_data_collate, persistent_workers=cfg.workers > 0)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    budget_s = cfg.minutes * 60.0 if cfg.minutes else None
+    names = label_names()[1:]
+    log_csv = run_dir / "log.csv"
+    if not log_csv.exists():
+        with open(log_csv, "w", newline="") as f:
+            csv.writer(f).writerow(["epoch", "steps", "elapsed_min", "lr", "train_loss", "val_key_mean",
+                                    "val_mean"] + [f"dice_{n}" for n in names])
+
+    def elapsed() -> float:
+        return elapsed_before + (time.time() - t_start)
+
+    def progress_fraction(epoch_float: float) -> float:
+        f = epoch_float / max(cfg.epochs, 1)
+        if budget_s:
+            f = max(f, elapsed() / budget_s)
+        return min(f, 1.0)
+
+    from tqdm import tqdm
+
+    epoch, stop = start_epoch, False
+    use_bf16 = cfg.bf16
+    it = iter(loader)
+    while epoch < cfg.epochs and not stop:
+        net.train()
+        losses = []
+        bar = tqdm(range(cfg.steps_per_epoch), desc=f"epoch {epoch + 1}", disable=not cfg.progress,
+                   leave=False, file=sys.stderr)
+        for step in bar:
+            try:
+                batch = next(it)
+            except StopIteration:
+                it = iter(loader)
+                batch = next(it)
+            lr = cfg.lr * (1.0 - progress_fraction(epoch + step / cfg.steps_per_epoch)) ** 0.9
+            for g in opt.param_groups:
+                g["lr"] = max(lr, cfg.lr * 1e-3)
+            x = batch["image"].to(device)
+            y = batch["label"].to(device).round().long()
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = net(x)
+            loss = loss_fn(out.float(), y)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            if budget_s and elapsed() >= budget_s:
+                stop = True
+                break
+        bar.close()
+        epoch += 1
+        dice = validate(net, val_items, meta, device)
+        key = [dice[n] for n in KEY_STRUCTURES if not math.isnan(dice[n])]
+        key_mean = float(np.mean(key)) if key else float("nan")
+        all_vals = [v for v in dice.values() if not math.isnan(v)]
+        mean_all = float(np.mean(all_vals)) if all_vals else float("nan")
+        train_loss = float(np.mean(losses)) if losses else float("nan")
+        with open(log_csv, "a", newline="") as f:
+            csv.writer(f).writerow([epoch, len(losses), f"{elapsed() / 60:.2f}", f"{opt.param_groups[0]['lr']:.2e}",
+                                    f"{train_loss:.4f}", f"{key_mean:.4f}", f"{mean_all:.4f}"]
+                                   + [f"{dice[n]:.4f}" for n in names])
+        _log(run_dir, f"epoch {epoch} steps {len(losses)} elapsed {elapsed() / 60:.1f} min loss {train_loss:.4f} "
+                      f"val key-mean Dice {key_mean:.4f} mean {mean_all:.4f} | "
+                      + " ".join(f"{n}={dice[n]:.3f}" for n in names))
+        meta["metrics"] = {"epoch": epoch, "val_dice": dice, "val_key_mean": key_mean, "val_mean": mean_all,
+                           "elapsed_min": round(elapsed() / 60, 2)}
+        meta["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        save_bundle(run_dir / "last", net, meta)
+        score = key_mean if not math.isnan(key_mean) else -train_loss
+        if score > best:
+            best = score
+            save_bundle(run_dir / "best", net, meta)
+        from pipeline.image import atomic_write
+
+        state = {"optimizer": opt.state_dict(), "epoch": epoch, "elapsed_s": elapsed(), "best": best}
+        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+    summary = {"run_dir": str(run_dir), "epochs": epoch, "best_key_dice": best,
+               "elapsed_min": round(elapsed() / 60, 2)}
+    _log(run_dir, "finished: " + json.dumps(summary))
+    return summary

@@ -1,0 +1,136 @@
+"""measure_hips and its command line on analytic hips with known IFS / QFS / signal."""
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.config import DISCLAIMER, MeasureConfig
+from pipeline.image import Image, save_nifti
+from pipeline.labels import LABELS, write_label_table
+from pipeline.measure import main, measure_hips
+from tests.analytic_hips import grid_for, labels_image, world_grid
+
+KEYS = ("side", "ifs_mm", "ifs_axial_mm", "qfs_mm", "qfs_axial_mm", "ifs_points", "qfs_points",
+        "ifs_slice", "qfs_slice", "qf_volume_ml", "qf_max_csa_mm2", "qf_edema", "qf_fat_fraction",
+        "qf_goutallier_grade", "pose", "flags", "warnings")
+
+
+@pytest.fixture(scope="module")
+def bilateral():
+    img, truth = labels_image((0.8, 0.8, 4.0), ifs=(11.0, 22.0), qfs=(7.0, 15.0),
+                              perm=(0, 1, 2), flips=(True, True, False))      # LPS storage
+    return img, truth
+
+
+def _images(lab: Image, edema_side="left", ff=(0.35, 0.04)):
+    """Fluid (same grid) and Dixon (coarser grid) images: edema in one QF, fat in the left QF."""
+    L = LABELS
+    x = world_grid(lab.shape, lab.affine)[..., 0]
+    a = lab.array
+    qf = a == L["quadratus_femoris"]
+    fluid = np.where(a > 0, 100.0, 5.0).astype(np.float32)
+    fluid[a == L["subcutaneous_fat"]] = 20.0
+    on_side = (x < 0) if edema_side == "left" else (x > 0)
+    fluid[qf & on_side] = 230.0
+    rng = np.random.default_rng(0)
+    fluid += rng.normal(0, 4, fluid.shape).astype(np.float32)
+    shape, aff = grid_for((1.8, 1.8, 3.0))
+    w = world_grid(shape, aff)
+    from tests.analytic_hips import render_labels, hip_geometry  # noqa: F401
+    # nearest lookup of the label map at the Dixon voxel centres
+    ijk = np.rint(np.einsum("ij,...j->...i", np.linalg.inv(lab.affine)[:3, :3], w)
+                  + np.linalg.inv(lab.affine)[:3, 3]).astype(int)
+    ok = np.all((ijk >= 0) & (ijk < lab.shape), axis=-1)
+    dl = np.zeros(shape, np.uint8)
+    dl[ok] = a[ijk[ok][:, 0], ijk[ok][:, 1], ijk[ok][:, 2]]
+    ffmap = np.where(dl == L["subcutaneous_fat"], 0.95, 0.03)
+    dq = dl == L["quadratus_femoris"]
+    ffmap[dq & (w[..., 0] < 0)] = ff[0]
+    ffmap[dq & (w[..., 0] > 0)] = ff[1]
+    sig = np.where(dl > 0, 1000.0, 0.0)
+    fat = Image((sig * ffmap).astype(np.float32), aff, "dixon_fat")
+    water = Image((sig * (1 - ffmap)).astype(np.float32), aff, "dixon_water")
+    return {"fluid": Image(fluid, lab.affine, "t2fs", {"fluid_kind": "t2fs"}),
+            "dixon_fat": fat, "dixon_water": water}
+
+
+def test_record_contract_and_accuracy(bilateral):
+    img, truth = bilateral
+    rec = measure_hips(img, _images(img))
+    json.dumps(rec)
+    assert rec["frame"] == "world RAS+ mm" and rec["disclaimer"] == DISCLAIMER
+    assert rec["config"]["ifs_cutoff_mm"] == MeasureConfig().ifs_cutoff_mm
+    for side, ifs, qfs in (("left", 11.0, 7.0), ("right", 22.0, 15.0)):
+        h = rec["hips"][side]
+        assert all(k in h for k in KEYS)
+        assert h["side"] == side and h["present"]
+        assert h["ifs_mm"] == pytest.approx(ifs, abs=0.4)
+        assert h["qfs_mm"] == pytest.approx(qfs, abs=0.4)
+        assert h["ifs_axial_mm"] >= h["ifs_mm"] - 0.3
+        it_pt, lt_pt = np.array(h["ifs_points"])
+        assert np.linalg.norm(it_pt - truth[side]["it"]) == pytest.approx(11.0, abs=0.6)
+        assert np.linalg.norm(lt_pt - truth[side]["lt"]) == pytest.approx(7.0, abs=0.6)
+        assert isinstance(h["ifs_slice"], int)
+    left, right = rec["hips"]["left"], rec["hips"]["right"]
+    assert {f["name"] for f in left["flags"]} >= {"ifs_narrow", "qfs_narrow", "qf_edema",
+                                                  "qf_fatty_infiltration"}
+    assert not any(f["name"].endswith("_narrow") for f in right["flags"])
+    for f in left["flags"]:
+        assert f["source"] and f["text"] and "cutoff" in f
+    assert left["qf_edema"]["grade"] == "marked" and right["qf_edema"]["grade"] == "none"
+    assert left["qf_fat_fraction"] == pytest.approx(0.35, abs=0.01)
+    assert left["qf_goutallier_grade"] == 2 and right["qf_goutallier_grade"] == 0
+    assert left["qf_volume_ratio_contralateral"] is not None
+    assert left["pose"]["adduction_deg"] == pytest.approx(0.0, abs=3.0)
+
+
+def test_missing_structures_and_images_give_reasons(bilateral):
+    img, _ = bilateral
+    arr = img.array.copy()
+    arr[arr == LABELS["lesser_trochanter"]] = 0
+    arr[arr == LABELS["iliopsoas_tendon"]] = 0
+    rec = measure_hips(Image(arr, img.affine))
+    h = rec["hips"]["right"]
+    assert h["ifs_mm"] is None and "lesser_trochanter" in h["reasons"]["ifs"]
+    assert h["qfs_mm"] is None and h["reasons"]["qfs"]
+    assert h["qf_edema"]["grade"] is None and "fluid" in h["qf_edema"]["reason"]
+    assert h["qf_fat_fraction"] is None and h["reasons"]["fat"]
+    assert h["qf_volume_ml"] > 0
+    json.dumps(rec)
+
+
+def test_single_hip_field_of_view():
+    img, truth = labels_image((0.9, 0.9, 5.0), sides=("left",), ifs=(16.0, 0), qfs=(9.0, 0),
+                              centre=(-60.0, -10.0, -10.0), fov=(110.0, 130.0, 110.0))
+    rec = measure_hips(img)
+    assert rec["hips"]["right"]["present"] is False
+    assert "not in the field of view" in rec["hips"]["right"]["warnings"][0]
+    # a 7 mm radius LT on 5 mm slices: the 3D error of such small spheres reaches ~0.5 mm
+    assert rec["hips"]["left"]["ifs_mm"] == pytest.approx(16.0, abs=0.6)
+
+
+def test_empty_label_map_does_not_crash():
+    rec = measure_hips(Image(np.zeros((20, 20, 5), np.uint8), np.eye(4)))
+    assert not rec["hips"]["left"]["present"] and not rec["hips"]["right"]["present"]
+    json.dumps(rec)
+
+
+def test_cli_with_own_label_numbering(bilateral, tmp_path, capsys):
+    img, _ = bilateral
+    # a hand-drawn map numbered differently: value = 20 + project value
+    table = {name: (0 if v == 0 else 20 + v) for name, v in LABELS.items()}
+    arr = np.where(img.array > 0, img.array + 20, 0).astype(np.uint8)
+    save_nifti(Image(arr, img.affine), tmp_path / "L.nii.gz")
+    write_label_table(tmp_path / "T.json", table)
+    imgs = _images(img)
+    save_nifti(imgs["fluid"], tmp_path / "stir.nii.gz")
+    assert main(["--labels", str(tmp_path / "L.nii.gz"), "--label-table", str(tmp_path / "T.json"),
+                 "--fluid", str(tmp_path / "stir.nii.gz")]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["hips"]["left"]["ifs_mm"] == pytest.approx(11.0, abs=0.4)
+    assert rec["hips"]["left"]["qf_edema"]["sequence"] == "stir"
+    # without the table the values mean other structures: no IFS, but no crash either
+    assert main(["--labels", str(tmp_path / "L.nii.gz")]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["hips"]["left"]["ifs_mm"] is None
+    assert main(["--labels", str(tmp_path / "missing.nii.gz")]) == 2

@@ -1,0 +1,158 @@
+"""Tests of the working grid, the model bundle and segmentation inference."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models.bundle import bundle_paths, default_metadata, load_bundle, model_from_metadata, save_bundle
+from pipeline.grid import make_working_grid, normalise, prepare_inputs
+from pipeline.image import Image, ImageError, reorient_to_ras
+from pipeline.labels import LABELS
+from pipeline.segment import SegModel, load_model, postprocess, segment
+
+
+def _rotation(ax, deg):
+    c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+    m = np.eye(3)
+    i, j = [a for a in range(3) if a != ax]
+    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+    return m
+
+
+AFFINES = {
+    "ras": np.diag([0.9, 0.9, 4.0, 1.0]),
+    "lps": np.diag([-0.8, -0.8, 3.0, 1.0]),
+    "oblique": np.vstack([np.hstack([_rotation(2, 12) @ _rotation(0, 7) @ np.diag([1.1, 1.1, 5.0]),
+                                     [[10], [-20], [30]]]), [0, 0, 0, 1]]),
+    "slice_first": np.array([[0, 0, 0.7, -20], [0, -0.7, 0, 15], [3.5, 0, 0, -40], [0, 0, 0, 1.0]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AFFINES))
+def test_grid_round_trip_is_exact(name):
+    shape = (37, 41, 9) if name != "slice_first" else (9, 37, 41)
+    ref = Image(np.random.default_rng(0).random(shape).astype(np.float32), AFFINES[name], "t1")
+    grid = make_working_grid(ref, (1.0, 1.0, 4.0))
+    ras, _ = reorient_to_ras(ref)
+    assert grid.ras_shape == ras.shape
+    np.testing.assert_allclose(grid.ras_affine, ras.affine)
+    # working spacing close to the request, same field of view (outer faces coincide)
+    np.testing.assert_allclose(grid.spacing, [1.0, 1.0, 4.0], rtol=0.25)
+    from pipeline.image import grid_corners
+
+    np.testing.assert_allclose(np.sort(grid_corners(grid.shape, grid.affine), 0),
+                               np.sort(grid_corners(ref.shape, ref.affine), 0), atol=1e-6)
+    # a world-defined label (half space x > 0) sampled on the working grid comes back on the
+    # reference grid with the reference's exact shape, and agrees away from the boundary
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in grid.shape], indexing="ij"), -1).reshape(-1, 3)
+    world = ijk @ grid.affine[:3, :3].T + grid.affine[:3, 3]
+    centre = ref.voxel_to_world(np.array([(np.asarray(shape) - 1) / 2.0]))[0]
+    lab_w = (world[:, 1] > centre[1]).reshape(grid.shape).astype(np.float32)
+    back = grid.to_reference(np.stack([1 - lab_w, lab_w]))
+    assert back.shape == (2, *ref.shape)
+    ref_ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
+    ref_y = ref.voxel_to_world(ref_ijk)[:, 1].reshape(shape)
+    far = np.abs(ref_y - centre[1]) > 3.0
+    assert np.array_equal(back.argmax(0)[far], (ref_y > centre[1])[far])
+
+
+def test_second_channel_resampled_in_world_coordinates():
+    rng = np.random.default_rng(1)
+    t1 = Image(rng.random((30, 30, 8)).astype(np.float32) * 100, AFFINES["ras"], "t1")
+    # the same data stored LPS-flipped: after world resampling both channels must agree
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:3, 3] = [29, 29, 0]  # voxel units: i -> 29 - i
+    fluid = Image(t1.array[::-1, ::-1].copy() * 3.0, AFFINES["ras"] @ flip, "stir")
+    inp = prepare_inputs({"t1": t1, "fluid": fluid})
+    assert inp.present == {"t1": True, "fluid": True}
+    np.testing.assert_allclose(inp.array[0], inp.array[1], atol=1e-4)   # scale-invariant normalisation
+
+
+def test_missing_channel_is_zero_and_flagged():
+    t1 = Image(np.random.default_rng(2).random((30, 30, 8)).astype(np.float32), AFFINES["lps"], "t1")
+    inp = prepare_inputs({"fluid": t1})
+    assert inp.present == {"t1": False, "fluid": True} and inp.grid.reference == "fluid"
+    assert not inp.array[0].any() and inp.array[1].any()
+    assert any("t1 missing" in w for w in inp.warnings)
+    with pytest.raises(ImageError):
+        prepare_inputs({"dixon_fat": t1})
+
+
+def test_normalise_is_robust_to_scaling():
+    a = np.random.default_rng(3).gamma(2.0, 50.0, (20, 20, 20)).astype(np.float32)
+    np.testing.assert_allclose(normalise(a), normalise(a * 37.0 + 0.0), atol=1e-5)
+    assert not normalise(np.zeros((4, 4, 4))).any()
+
+
+def test_bundle_round_trip_without_pickle(tmp_path):
+    meta = default_metadata()
+    net = model_from_metadata(meta)
+    w, j = save_bundle(tmp_path / "m", net, meta)
+    assert w.name == "m.safetensors" and j.name == "m.json"
+    assert w.read_bytes()[:8] != b"\x80\x02\x8a\x0a"  # not a torch pickle
+    net2, meta2 = load_bundle(tmp_path / "m.safetensors")
+    assert meta2["labels"] == LABELS and meta2["input_channels"] == ["t1", "fluid"]
+    for (k, v), (k2, v2) in zip(net.state_dict().items(), net2.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert json.loads(j.read_text())["working_spacing_mm"] == meta["working_spacing_mm"]
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_model(tmp_path / "absent")
+    assert bundle_paths(tmp_path / "x.json")[0].name == "x.safetensors"
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    meta = default_metadata()
+    meta["architecture"] = dict(meta["architecture"], channels=[4, 8, 8, 8], num_res_units=1)
+    return SegModel(model_from_metadata(meta).eval(), meta, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("inputs", [("t1", "fluid"), ("t1",), ("fluid",)])
+def test_segment_returns_labels_on_reference_grid(small_model, inputs):
+    rng = np.random.default_rng(4)
+    t1 = Image(rng.random((40, 36, 7)).astype(np.float32) * 500, AFFINES["oblique"], "t1")
+    fl = Image(rng.random((30, 30, 9)).astype(np.float32), AFFINES["lps"], "stir")
+    imgs = {k: v for k, v in {"t1": t1, "fluid": fl}.items() if k in inputs}
+    seg = segment(imgs, small_model, return_probabilities=True)
+    ref = imgs.get("t1", imgs.get("fluid"))
+    assert seg.labels.shape == ref.shape and seg.labels.array.dtype == np.uint8
+    np.testing.assert_array_equal(seg.labels.affine, ref.affine)
+    assert seg.labels.array.max() < len(LABELS)
+    assert set(seg.confidence) == {n for n in LABELS if n != "background"}
+    assert all(0.0 <= c <= 1.0 for c in seg.confidence.values())
+    assert {"resample", "network", "postprocess"} <= set(seg.timings)
+    np.testing.assert_allclose(seg.probabilities.sum(0), 1.0, atol=1e-4)
+    assert seg.reference == ("t1" if "t1" in inputs else "fluid")
+
+
+def test_postprocess_keeps_one_component_per_side_and_fragments():
+    lab = np.zeros((120, 20, 10), np.uint8)
+    qf = LABELS["quadratus_femoris"]
+    lab[10:20, 5:15, 2:8] = qf          # right-hand blob (large)
+    lab[90:99, 5:15, 2:8] = qf          # contralateral blob (kept)
+    lab[22:24, 5:8, 2:4] = qf           # fragment next to the first blob (kept)
+    lab[55:57, 5:7, 5:7] = qf           # island in the middle (removed)
+    lab[0:40, 0:2, 0:10] = LABELS["other_muscle"]
+    lab[70, 19, 9] = LABELS["other_muscle"]   # 1-voxel island (removed)
+    remove, removed = postprocess(lab, np.diag([1.0, 1.0, 1.0, 1.0]))
+    assert removed == {"quadratus_femoris": 8, "other_muscle": 1}
+    assert remove[55:57, 5:7, 5:7].all() and remove[70, 19, 9]
+    assert not remove[10:24].any() and not remove[90:99].any()
+
+
+@pytest.mark.parametrize("name", sorted(AFFINES))
+def test_to_reference_matches_undo_reorient(name):
+    from pipeline.image import undo_reorient
+
+    shape = (12, 10, 6)
+    ref = Image(np.zeros(shape, np.float32) + 1, AFFINES[name], "t1")
+    grid = make_working_grid(ref, tuple(reorient_to_ras(ref)[0].spacing))  # identity rescale
+    assert grid.shape == grid.ras_shape
+    vol = np.random.default_rng(5).random((2, *grid.shape)).astype(np.float32)
+    back = grid.to_reference(vol)
+    for c in range(2):
+        np.testing.assert_allclose(back[c], undo_reorient(vol[c], grid.ornt), atol=1e-6)

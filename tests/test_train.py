@@ -1,0 +1,130 @@
+"""Smoke tests of the training engine (pipeline/training.py) and train.py on tiny synthetic data."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.image import Image, save_nifti
+from pipeline.labels import LABELS
+
+
+def _write_subject(folder, seed, table=None):
+    """A 48x44x10 scan (1x1x4 mm) with a few labelled boxes; T1 + STIR + label map."""
+    rng = np.random.default_rng(seed)
+    shape = (48, 44, 10)
+    lab = np.zeros(shape, np.uint8)
+    lab[4:44, 4:40, :] = LABELS["other_muscle"]
+    for name, (x, y) in {"quadratus_femoris": (10, 10), "lesser_trochanter": (30, 12),
+                         "ischial_tuberosity": (12, 28), "hamstring_tendon": (32, 30)}.items():
+        dx, dy = rng.integers(-2, 3, 2)
+        lab[x + dx:x + dx + 8, y + dy:y + dy + 7, 2:8] = LABELS[name]
+    t1_mean = rng.uniform(50, 400, 11)
+    fl_mean = rng.uniform(50, 400, 11)
+    aff = np.diag([-1.0, -1.0, 4.0, 1.0])
+    folder.mkdir(parents=True, exist_ok=True)
+    save_nifti(Image((t1_mean[lab] + rng.normal(0, 10, shape)).astype(np.float32), aff, "t1"), folder / "t1.nii.gz")
+    save_nifti(Image((fl_mean[lab] + rng.normal(0, 10, shape)).astype(np.float32), aff, "stir"), folder / "stir.nii.gz")
+    out = lab.copy()
+    if table is not None:  # the group's own numbering
+        out = np.zeros_like(lab)
+        for name, v in table.items():
+            out[lab == LABELS[name]] = v
+    save_nifti(Image(out, aff, "labels"), folder / "labels.nii.gz", dtype=np.uint8)
+    return lab
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    own = {"background": 0, "hamstring_tendon": 1, "quadratus_femoris": 2, "lesser_trochanter": 3,
+           "ischial_tuberosity": 4, "other_muscle": 7}
+    (tmp_path / "table.json").write_text(json.dumps(own))
+    rows = []
+    for i in range(3):
+        _write_subject(tmp_path / f"s{i}", i, own if i == 2 else None)
+        rows.append({"subject": f"s{i}", "t1": f"s{i}/t1.nii.gz", "fluid": "" if i == 1 else f"s{i}/stir.nii.gz",
+                     "labels": f"s{i}/labels.nii.gz", "label_table": "table.json" if i == 2 else ""})
+    with open(tmp_path / "data.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return tmp_path / "data.csv"
+
+
+def test_read_dataset_and_label_table_remap(dataset):
+    from models.bundle import default_metadata
+    from pipeline.training import preprocess_subject, read_dataset
+
+    recs = read_dataset(dataset)
+    assert [r["subject"] for r in recs] == ["s0", "s1", "s2"] and recs[1]["fluid"] is None
+    d = preprocess_subject(recs[2], default_metadata())
+    truth = _write_subject(dataset.parent / "check", 2)       # same seed, project numbering
+    # working grid of a 1x1x4 mm LPS scan is the RAS-flipped scan itself
+    assert np.array_equal(d["label"][0], truth[::-1, ::-1, :])
+    assert d["image"].dtype == np.float16 and d["image"].shape == (2, 48, 44, 10)
+
+
+def test_training_smoke_run_and_resume(dataset, tmp_path):
+    from models.bundle import load_bundle
+    from pipeline.training import TrainConfig, run_training
+
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(dataset), out=str(run), epochs=1, steps_per_epoch=2, batch=2,
+                      patch=(32, 32, 8), val_fraction=0.34, seed=1, progress=False)
+    s = run_training(cfg)
+    assert s["epochs"] == 1
+    for name in ("best.safetensors", "best.json", "last.safetensors", "last.json", "checkpoint.pt",
+                 "log.csv", "log.txt", "split.json"):
+        assert (run / name).exists(), name
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 1 and "state" in ck["optimizer"]
+    net, meta = load_bundle(run / "last")
+    assert meta["metrics"]["epoch"] == 1 and meta["training"]["n_val"] == 1
+    assert set(meta["metrics"]["val_dice"]) == {n for n in LABELS if n != "background"}
+    cfg.resume, cfg.epochs = True, 2
+    s2 = run_training(cfg)
+    assert s2["epochs"] == 2
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert "resumed at epoch 1" in (run / "log.txt").read_text()
+    _, meta2 = load_bundle(run / "last")
+    assert meta2["metrics"]["epoch"] == 2
+
+
+def test_augmentations_channel_dropout_and_domain_randomisation():
+    from pipeline.training import RandChannelDropoutd, RandDomainRandomisationd
+
+    img = torch.rand(2, 16, 16, 4) + 0.1
+    lab = torch.zeros(1, 16, 16, 4)
+    lab[0, 4:10, 4:10] = LABELS["lesser_trochanter"]
+    drop = RandChannelDropoutd(prob=1.0)
+    drop.set_random_state(0)
+    seen = set()
+    for _ in range(20):
+        out = drop({"image": img})["image"]
+        alive = tuple(bool(out[c].any()) for c in range(2))
+        assert sum(alive) == 1
+        seen.add(alive)
+    assert seen == {(True, False), (False, True)}
+    one = img.clone()
+    one[1] = 0
+    assert torch.equal(drop({"image": one})["image"], one)          # never drops the only channel
+    dr = RandDomainRandomisationd(prob=1.0)
+    dr.set_random_state(0)
+    out = dr({"image": one, "label": lab})["image"]
+    assert not out[1].any()                                          # absent channel stays absent
+    inside = out[0][lab[0] == LABELS["lesser_trochanter"]]
+    assert inside.std() < 0.2 and not torch.allclose(out[0], one[0])
+
+
+def test_train_cli_help():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "--help", "--no-tcmalloc"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--minutes" in r.stdout and "--resume" in r.stdout

@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Train the ifi-seg segmentation network.
+
+    python train.py --data COHORT_DIR_or_CSV --out RUN_DIR [--epochs E] [--minutes M]
+                    [--val-fraction F] [--seed S] [--resume] [--device auto|cpu|cuda] [--init BUNDLE]
+
+Data layout, augmentation and outputs: see ``pipeline/training.py``. The result is
+``RUN_DIR/best.safetensors`` + ``RUN_DIR/best.json`` (copy them to
+``models/ifi_seg_default.*`` to make them the bundled default), ``RUN_DIR/last.*``,
+``RUN_DIR/checkpoint.pt`` (for ``--resume``), ``RUN_DIR/log.csv`` and ``RUN_DIR/log.txt``.
+
+On Linux, if tcmalloc (Debian package ``libtcmalloc-minimal4``) is installed, the command
+re-executes itself with it preloaded: on small VMs glibc's allocator makes CPU training several
+times slower (see docs / shared notes). ``--no-tcmalloc`` disables this.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+
+
+def _maybe_reexec_with_tcmalloc(argv: list[str]) -> None:
+    if "--no-tcmalloc" in argv or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    if sys.platform.startswith("linux") and Path(TCMALLOC).exists():
+        env = dict(os.environ)
+        env["LD_PRELOAD"] = (TCMALLOC + " " + env.get("LD_PRELOAD", "")).strip()
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Command-line options (see module docstring)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="cohort folder with cohort.csv, or a CSV subject,t1,fluid,labels")
+    ap.add_argument("--out", required=True, help="run folder (bundles, logs, checkpoint, cache)")
+    ap.add_argument("--epochs", type=int, default=1000, help="maximum number of epochs")
+    ap.add_argument("--minutes", type=float, default=None, help="time budget; training stops cleanly after it")
+    ap.add_argument("--steps-per-epoch", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=2, help="patches per step (drawn from one subject)")
+    ap.add_argument("--patch", type=int, nargs=3, default=[128, 128, 16], help="patch size in working voxels")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--val-fraction", type=float, default=0.15)
+    ap.add_argument("--max-val", type=int, default=8, help="cap on the number of validation subjects")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last + checkpoint.pt")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--init", default=None, help="start from this bundle's weights (fine-tuning)")
+    ap.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-tcmalloc", action="store_true", help="do not re-execute with tcmalloc preloaded")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    argv = sys.argv[1:] if argv is None else argv
+    _maybe_reexec_with_tcmalloc(argv)
+    a = parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from pipeline.training import TrainConfig, run_training
+
+    cfg = TrainConfig(data=a.data, out=a.out, epochs=a.epochs, minutes=a.minutes,
+                      steps_per_epoch=a.steps_per_epoch, batch=a.batch, patch=tuple(a.patch), lr=a.lr,
+                      val_fraction=a.val_fraction, max_val=a.max_val, seed=a.seed, resume=a.resume,
+                      device=a.device, init=a.init, workers=a.workers, bf16=a.bf16, threads=a.threads,
+                      progress=not a.no_progress)
+    summary = run_training(cfg)
+    print(f"done: {summary['epochs']} epochs, best key-structure Dice {summary['best_key_dice']:.4f}, "
+          f"{summary['elapsed_min']:.1f} min -> {summary['run_dir']}/best.safetensors")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
