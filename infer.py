@@ -178,6 +178,9 @@ def main(argv=None) -> int:
     except SubjectError as exc:
         print(f"error: {subject}: {exc}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print(f"error: {subject}: out of memory", file=sys.stderr)
+        return 1
     say(f"{subject}: results in {args.out}")
     if not args.quiet:
         _print_summary(record)

@@ -52,6 +52,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
+    ap.add_argument("--description", default=None,
+                    help='training data description for the metadata, e.g. "synthetic phantoms: '
+                         'data_scripts/make_phantoms.py --n 150 --seed 1"')
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--no-tcmalloc", action="store_true", help="do not re-execute with tcmalloc preloaded")
     return ap.parse_args(argv)
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                       steps_per_epoch=a.steps_per_epoch, batch=a.batch, patch=tuple(a.patch), lr=a.lr,
                       val_fraction=a.val_fraction, max_val=a.max_val, seed=a.seed, resume=a.resume,
                       device=a.device, init=a.init, workers=a.workers, bf16=a.bf16, threads=a.threads,
-                      progress=not a.no_progress)
+                      progress=not a.no_progress, description=a.description)
     summary = run_training(cfg)
     print(f"done: {summary['epochs']} epochs, best key-structure Dice {summary['best_key_dice']:.4f}, "
           f"{summary['elapsed_min']:.1f} min -> {summary['run_dir']}/best.safetensors")

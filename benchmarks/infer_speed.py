@@ -123,11 +123,17 @@ def main(argv=None) -> int:
         from pipeline.api import run_subject
         from pipeline.segment import load_model
 
+        from pipeline.api import SubjectError
+
         m = load_model(model, device=args.device)
         times = []
         for r in range(args.repeats + 1):
             t0 = time.perf_counter()
-            rec = run_subject({"t1": scan["t1"], "t2fs": scan["t2fs"]}, tmp / f"api{r}", model=m)
+            try:
+                rec = run_subject({"t1": scan["t1"], "t2fs": scan["t2fs"]}, tmp / f"api{r}", model=m)
+            except SubjectError as exc:
+                print(f"API run failed: {exc}")
+                return 1
             if r:   # the first call warms up oneDNN
                 times.append(time.perf_counter() - t0)
         stages = rec["provenance"]["timings"]

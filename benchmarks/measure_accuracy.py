@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.image import load_nifti  # noqa: E402
-from pipeline.labels import read_label_table  # noqa: E402
+from pipeline.labels import LABELS, read_label_table  # noqa: E402
 from pipeline.measure import measure_hips  # noqa: E402
 
 SIDE_TOL_MM = 15.0  # reported IT/LT end points within this distance of the truth's = right side
@@ -57,7 +57,45 @@ def scan_subject(d: Path) -> dict:
             "truth": rel("truth.json")}
 
 
-def compare(sub: str, rec: dict, truth: dict) -> list[dict]:
+def _label_near(lab, table, name: str, point, reach_mm: float = 1.5) -> bool:
+    """Whether structure ``name`` is labelled within ``reach_mm`` (in-plane) of a world point on
+    the point's nearest slice: do the truth's end points lie on the labelled structures?"""
+    value = (table or LABELS)[name]
+    inv = np.linalg.inv(lab.affine)
+    c = inv[:3, :3] @ np.asarray(point, float) + inv[:3, 3]
+    ax = lab.slice_axis()
+    r = np.ceil(reach_mm / lab.spacing).astype(int)
+    r[ax] = 0
+    lo = np.maximum(np.rint(c).astype(int) - r, 0)
+    hi = np.minimum(np.rint(c).astype(int) + r + 1, lab.shape)
+    if np.any(hi <= lo):
+        return False
+    return bool((lab.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] == value).any())
+
+
+def centre_bound(lab, table, a: str, b: str, side_x_sign: float) -> float | None:
+    """Smallest in-slice distance between voxel centres labelled ``a`` and ``b`` on one side
+    (world x sign). Voxel centres lie inside their structures, so the true in-plane distance of
+    the labelled anatomy cannot exceed this: an algorithm-free upper bound for the axial truth."""
+    from scipy.spatial import cKDTree
+
+    t = table or LABELS
+    ax = lab.slice_axis()
+    best = None
+    pts = {}
+    for name in (a, b):
+        ijk = np.argwhere(lab.array == t[name])
+        w = ijk @ lab.affine[:3, :3].T + lab.affine[:3, 3]
+        keep = np.sign(w[:, 0]) == side_x_sign
+        pts[name] = (ijk[keep, ax], w[keep])
+    for k in np.intersect1d(pts[a][0], pts[b][0]):
+        wa, wb = pts[a][1][pts[a][0] == k], pts[b][1][pts[b][0] == k]
+        d = float(cKDTree(wb).query(wa)[0].min())
+        best = d if best is None else min(best, d)
+    return best
+
+
+def compare(sub: str, rec: dict, truth: dict, lab=None, table=None) -> list[dict]:
     """One row per hip present in the truth or in the record."""
     rows = []
     for side in ("left", "right"):
@@ -80,6 +118,14 @@ def compare(sub: str, rec: dict, truth: dict) -> list[dict]:
                 r["ifs_point_err_mm"] = float(np.mean(e))
                 ok = bool(max(e) < SIDE_TOL_MM)
             r["side_ok"] = ok
+            if lab is not None and t.get("ifs_axial_points"):
+                pa, pb = t["ifs_axial_points"]
+                r["truth_it_on_label"] = _label_near(lab, table, "ischial_tuberosity", pa)
+                r["truth_lt_on_label"] = _label_near(lab, table, "lesser_trochanter", pb)
+                cb = centre_bound(lab, table, "ischial_tuberosity", "lesser_trochanter",
+                                  1.0 if side == "right" else -1.0)
+                if cb is not None and t.get("ifs_axial_mm") is not None:
+                    r["ifs_axial_truth_minus_centre_bound"] = t["ifs_axial_mm"] - cb
             r["edema_true"], r["edema_est"] = t.get("qf_edema"), h["qf_edema"].get("grade")
             r["edema_fraction_true"] = t.get("qf_edema_fraction")
             r["edema_fraction_above"] = h["qf_edema"].get("fraction_above_reference")
@@ -147,7 +193,7 @@ def main(argv=None) -> int:
         t_total.append(t2 - t0)
         json.dumps(rec)  # must serialise
         truth = json.loads((root / row["truth"]).read_text())
-        rows.extend(compare(row["subject"], rec, truth))
+        rows.extend(compare(row["subject"], rec, truth, lab, table))
 
     both = [r for r in rows if r["truth_present"] and r["reported_present"]]
     missed = [r for r in rows if r["truth_present"] and not r["reported_present"]]
@@ -164,8 +210,25 @@ def main(argv=None) -> int:
         print(f"{'IFS end points':16s}mean {np.mean(pe):.2f} mm  median {np.median(pe):.2f} mm")
     print(f"{'sides':16s}{sum(r['side_ok'] for r in side_known)}/{len(side_known)} correct; "
           f"hips missed {len(missed)}, reported without truth {len(extra)}")
+    for key, what in (("truth_it_on_label", "IT"), ("truth_lt_on_label", "LT")):
+        v = [r[key] for r in both if r.get(key) is not None]
+        if v:
+            print(f"{'truth check':16s}axial IFS truth end point on the {what} label "
+                  f"(<= 1.5 mm in-plane): {sum(v)}/{len(v)}")
+    ex = np.array([r["ifs_axial_truth_minus_centre_bound"] for r in both
+                   if r.get("ifs_axial_truth_minus_centre_bound") is not None])
+    if ex.size:
+        print(f"{'truth check':16s}axial IFS truth exceeds the label voxel-centre bound by "
+              f"> 0.5 mm in {(ex > 0.5).sum()}/{ex.size} hips (max {ex.max():.2f} mm)")
+        ok = [r for r in both if r.get("ifs_axial_truth_minus_centre_bound", 0.0) <= 0.5]
+        print(f"{'  consistent':16s}IFS 3D    {_stats(ok, 'ifs_mm')}")
+        print(f"{'  hips only':16s}IFS axial {_stats(ok, 'ifs_axial_mm')}")
     print(f"{'edema grade':16s}{_agree(both, 'edema_true', 'edema_est')}")
     print(f"{'Goutallier':16s}{_agree(both, 'gout_true', 'gout_est')}")
+    for method in ("dixon", "t1_calibrated"):
+        sub = [r for r in both if r.get("ff_method") == method]
+        if sub:
+            print(f"{'  ' + method:16s}{_agree(sub, 'gout_true', 'gout_est')}")
     for method in ("dixon", "t1_calibrated"):
         e = [r["ff_est"] - r["ff_true"] for r in both
              if r.get("ff_method") == method and r.get("ff_est") is not None]

@@ -254,7 +254,8 @@ def stage_timings(results_dir: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 def _print_speed(speed: dict) -> None:
     ours, dyn = speed.get("ours"), speed.get("dynunet")
-    print("\n== speed on one 320x320x40 two-channel volume (same machine, "
+    shape = "x".join(str(v) for v in (ours or dyn or {}).get("volume_shape", VOLUME_SHAPE))
+    print(f"\n== speed on one {shape} two-channel volume (same machine, "
           f"{(ours or dyn or {}).get('threads', '?')} threads) ==")
     if ours:
         st = " ".join(f"{k}={v:.2f}s" for k, v in ours.get("stages_median_s", {}).items())
@@ -290,6 +291,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dynunet-repeats", type=int, default=2, help="timed repeats of DynUNet (after warm-up)")
     ap.add_argument("--roi", type=int, nargs=3, default=list(NNUNET_ROI), help="DynUNet sliding-window ROI")
     ap.add_argument("--overlap", type=float, default=0.5, help="DynUNet sliding-window overlap")
+    ap.add_argument("--speed-shape", type=int, nargs=3, default=list(VOLUME_SHAPE),
+                    help="volume of the speed comparison (default 320 320 40; smaller only for smoke tests)")
     ap.add_argument("--tcmalloc", choices=["on", "off"], default="off",
                     help="preload tcmalloc in every child (default off: what a user gets without set-up)")
     ap.add_argument("--use-labels", action="store_true",
@@ -346,6 +349,8 @@ def main(argv=None) -> int:
                   + (f", {pipe.get('done')} done, {pipe.get('failed')} failed" if summary else ""), flush=True)
             if pipe["rc"] != 0:
                 print(_tail(pipe["log"]))
+            for e in (pipe.get("errors") or [])[:10]:
+                print(f"  FAILED {e.get('subject')} [{e.get('stage')}]: {e.get('message')}")
             if results.is_dir() and any(results.glob("*/measurements.json")):
                 from pipeline.validate import format_summary, run_validation
 
@@ -366,7 +371,7 @@ def main(argv=None) -> int:
         speed: dict = {}
         for which in ("ours", "dynunet"):
             print(f"== speed: {which} ==", flush=True)
-            spec = {"which": which, "shape": list(VOLUME_SHAPE), "threads": a.threads, "model": a.model,
+            spec = {"which": which, "shape": list(a.speed_shape), "threads": a.threads, "model": a.model,
                     "repeats": a.repeats if which == "ours" else a.dynunet_repeats, "roi": a.roi,
                     "overlap": a.overlap}
             r = run_child([py, str(Path(__file__).resolve()), "--_speed-child", json.dumps(spec)],

@@ -70,7 +70,8 @@ def side_map(img, centres: dict) -> np.ndarray | None:
     return np.array([SIDES.index(n) for n in names])[idx]
 
 
-def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool) -> list[dict]:
+def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
+                     bf16: bool | None = None) -> list[dict]:
     """All metrics of one subject; one dict per (mode, side) plus one per mode with side 'all'."""
     from pipeline.measure import measure_hips
     from pipeline.segment import segment
@@ -96,7 +97,7 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool) 
             pred, conf, seconds = truth_lab, {}, 0.0
             meas_imgs = {k: v for k, v in all_imgs.items() if v is not None}
         else:
-            seg = segment(imgs, model)
+            seg = segment(imgs, model, bf16=bf16)
             pred, conf, seconds = seg.labels, seg.confidence, time.perf_counter() - t0
             meas_imgs = imgs
         tl = truth_lab if (pred.shape == truth_lab.shape and np.allclose(pred.affine, truth_lab.affine)) \
@@ -189,6 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--truth-labels", action="store_true", help="also measure on the true label maps")
     ap.add_argument("--out", default=None, help="CSV of per-subject/side results")
+    ap.add_argument("--bf16", choices=["model", "on", "off"], default="model",
+                    help="bfloat16 autocast at inference (default: the model metadata's choice)")
     a = ap.parse_args(argv)
     from pipeline.segment import load_model
 
@@ -199,7 +202,8 @@ def main(argv=None) -> int:
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     rows = []
     for i, row in enumerate(subjects):
-        rows.extend(evaluate_subject(row, cohort, model, modes, a.truth_labels))
+        bf16 = None if a.bf16 == "model" else a.bf16 == "on"
+        rows.extend(evaluate_subject(row, cohort, model, modes, a.truth_labels, bf16))
         print(f"[{i + 1}/{len(subjects)}] {row['subject']}", file=sys.stderr)
     print(summarise(rows))
     if a.out:

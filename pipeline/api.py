@@ -60,8 +60,7 @@ def normalise_inputs(inputs: dict) -> dict:
             raise SubjectError("input", f"unknown input {key!r}; expected one of {ROLES + FLUID_KINDS}")
     if "fluid" in out:
         if fluid_kind is None:
-            params = getattr(out["fluid"], "params", {}) or {}
-            fluid_kind = params.get("_kind") or ("stir" if "stir" in str(out["fluid"]).lower() else "t2fs")
+            fluid_kind = _guess_fluid_kind(out["fluid"])
         if fluid_kind not in FLUID_KINDS:
             raise SubjectError("input", f"fluid_kind must be one of {FLUID_KINDS}, got {fluid_kind!r}")
         out["fluid_kind"] = fluid_kind
@@ -80,6 +79,25 @@ def resolve_label_table(labels_override, label_table=None):
     path = Path(str(labels_override))
     sibling = path.with_name(path.name.replace(".nii.gz", "").replace(".nii", "") + ".json")
     return sibling if sibling.is_file() else None
+
+
+def _guess_fluid_kind(value) -> str:
+    """t2fs or stir for a fluid series given without its kind: from the DICOM headers (series
+    classification) when it is DICOM, else from the file name ("stir" in it), else t2fs."""
+    from pipeline.io import SeriesInfo, classify_series, find_series
+
+    kind = None
+    if isinstance(value, SeriesInfo):
+        kind = value.params.get("_kind") or classify_series(value)
+    elif Path(str(value)).is_dir():
+        try:
+            series = find_series(value)
+        except ImageError:
+            series = []
+        kind = classify_series(series[0]) if len(series) == 1 else None
+    elif "stir" in Path(str(value)).name.lower():
+        kind = "stir"
+    return kind if kind in FLUID_KINDS else "t2fs"
 
 
 def input_hashes(inputs: dict, labels_override=None, label_table=None) -> dict[str, str]:

@@ -265,6 +265,14 @@ def _run_ray(tasks: list[dict], options: dict, workers: int, ray_address, on_res
             ray.shutdown()
 
 
+def _default_threads(workers: int) -> int:
+    """Threads per worker: OMP_NUM_THREADS when the user set it, else the cores shared out."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def run_cohort(manifest, out_dir, *, workers: int = 1, engine: str = "local", ray_address=None,
                force: bool = False, quiet: bool = False, config=None, model_path=None,
                device: str = "auto", use_labels: bool = False, write_dicom_seg: bool = False,
@@ -331,7 +339,7 @@ def run_cohort(manifest, out_dir, *, workers: int = 1, engine: str = "local", ra
     options = {"config": config.to_dict(), "model_path": None if model_path is None else str(model_path),
                "device": device, "write_dicom_seg": write_dicom_seg,
                "include_identifiers": include_identifiers, "max_voxels": max_voxels,
-               "threads_per_worker": threads_per_worker or max(1, (os.cpu_count() or 1) // workers)}
+               "threads_per_worker": threads_per_worker or _default_threads(workers)}
     done = 0
     from tqdm import tqdm
 
@@ -344,8 +352,7 @@ def run_cohort(manifest, out_dir, *, workers: int = 1, engine: str = "local", ra
             done += 1
         else:
             errors.append({"subject": res["subject"], "stage": res["stage"], "message": res["message"]})
-            if not quiet:
-                bar.write(f"FAILED {res['subject']} [{res['stage']}]: {res['message']}", file=sys.stderr)
+            bar.write(f"FAILED {res['subject']} [{res['stage']}]: {res['message']}", file=sys.stderr)
         bar.update(1)
 
     try:

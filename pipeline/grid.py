@@ -65,11 +65,12 @@ class WorkingGrid:
         """Actual working voxel size in mm."""
         return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
 
-    def to_reference(self, volume, mode: str = "trilinear") -> np.ndarray:
+    def to_reference(self, volume, mode: str = "trilinear", as_tensor: bool = False):
         """Map a (C, *shape) array (torch or numpy) on the working grid to (C, *ref_shape).
 
         ``mode`` "trilinear" for probabilities/logits, "nearest" for labels (then
-        ``nearest-exact`` is used so sampling follows voxel centres).
+        ``nearest-exact`` is used so sampling follows voxel centres). Returns numpy, or a torch
+        tensor with ``as_tensor``.
         """
         import torch
         import torch.nn.functional as F
@@ -91,7 +92,8 @@ class WorkingGrid:
         flips = [1 + i for i in range(3) if self.ornt[i, 1] < 0]
         if flips:
             out = torch.flip(out, dims=flips)
-        return np.ascontiguousarray(out.numpy())
+        out = out.contiguous()
+        return out if as_tensor else out.numpy()
 
 
 @dataclass
@@ -126,6 +128,35 @@ def make_working_grid(ref: Image, spacing=DEFAULT_SPACING, reference: str = "t1"
     vox[:3, 3] = 0.5 * scale - 0.5
     return WorkingGrid(reference, ref.shape, ref.affine.copy(), ornt, ras_shape, ras_affine,
                        shape, ras_affine @ vox)
+
+
+def resample_linear(img: Image, shape, affine) -> np.ndarray:
+    """Trilinear world-coordinate resampling of ``img`` onto (shape, affine) with torch.
+
+    Same result as ``pipeline.image.resample_to_grid(img, shape, affine, order=1)`` (zeros
+    outside the source grid) but multi-threaded (``grid_sample``): ~3x faster on 2 cores.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    shape = tuple(int(s) for s in shape)
+    src = np.asarray(img.array, dtype=np.float32)
+    m = np.linalg.inv(img.affine) @ np.asarray(affine, dtype=np.float64)   # target ijk -> source ijk
+    perm = np.eye(4)[[2, 1, 0, 3]]                                          # (i, j, k) <-> (x, y, z) of torch
+
+    def to_norm(size):                                                      # index -> [-1, 1] (align_corners)
+        n = np.eye(4)
+        sz = np.asarray(size, dtype=np.float64)[::-1]
+        n[:3, :3] = np.diag(2.0 / np.maximum(sz - 1, 1))
+        n[:3, 3] = -1.0
+        return n
+
+    theta = to_norm(src.shape) @ perm @ m @ perm @ np.linalg.inv(to_norm(shape))
+    th = torch.as_tensor(theta[:3], dtype=torch.float32)[None]
+    grid = F.affine_grid(th, (1, 1, *shape), align_corners=True)
+    out = F.grid_sample(torch.from_numpy(np.ascontiguousarray(src))[None, None], grid, mode="bilinear",
+                        padding_mode="zeros", align_corners=True)
+    return out[0, 0].numpy()
 
 
 def normalise(array: np.ndarray, recipe: dict = NORMALISATION) -> np.ndarray:
@@ -190,7 +221,7 @@ def prepare_inputs(images: dict, channels=("t1", "fluid"), spacing=DEFAULT_SPACI
         if img is None:
             warnings.append(f"{c} missing: network runs on the other channel(s) only")
             continue
-        res = resample_to_grid(img, grid.shape, grid.affine, order=1)
+        res = img.with_array(resample_linear(img, grid.shape, grid.affine))
         inside = res.array != 0
         if img is not ref and inside.mean() < 0.5 * (np.asarray(ref.array) != 0).mean():
             warnings.append(f"{c} covers only part of the reference field of view")

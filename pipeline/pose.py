@@ -4,8 +4,8 @@ Pelvic frame: left-right axis through the two hips (the mid-sagittal plane's nor
 ``pipeline.sides``) when both are in view, else the scanner's x axis (a warning says so);
 superior is world +z made orthogonal to it; anterior completes the right-handed frame.
 
-* ``adduction_deg``: coronal-plane angle between the femoral shaft axis (principal axis of the
-  femur below the lesser trochanter) and the pelvic inferior axis; positive when the distal
+* ``adduction_deg``: coronal-plane angle between the femoral shaft axis (line through the
+  centroids of the femur's cross-sections below the lesser trochanter) and the pelvic inferior axis; positive when the distal
   shaft points medially. The anatomical shaft axis leans ~5-9 deg medially in neutral standing
   position, so compare sides or studies rather than reading it against zero.
 * ``lt_direction_deg``: axial-plane direction from the shaft axis to the lesser trochanter's
@@ -49,16 +49,24 @@ def estimate_pose(side: str, femur: Mask | None, lt: Mask | None, affine: np.nda
     frame, note = pelvic_frame(midplane)
     out["frame"] = "pelvic (left-right through both hips)" if note is None else note
     lateral = frame[0] if side == "right" else -frame[0]
-    f = _world(femur, affine)
     c_lt = _world(lt, affine).mean(0)
-    height = (f - c_lt) @ frame[2]
-    shaft = f[height < 0]
-    if shaft.size == 0 or -height.min() < min_shaft_mm:
-        out["reason"] = (f"less than {min_shaft_mm:.0f} mm of femoral shaft below the lesser "
-                         "trochanter in the field of view")
+    # shaft axis: line through the centroids of the femur's cross-sections below the lesser
+    # trochanter (robust on thick slices, where a point cloud of a short stubby shaft is not)
+    from .geometry import slice_axis
+
+    ax = slice_axis(affine)
+    ijk = femur.indices()
+    f = ijk @ affine[:3, :3].T + affine[:3, 3]
+    below = (f - c_lt) @ frame[2] < 0
+    ks = np.unique(ijk[below, ax])
+    cents = np.array([f[below & (ijk[:, ax] == k)].mean(0) for k in ks]) if len(ks) else np.zeros((0, 3))
+    span = float(np.ptp(cents @ frame[2])) if len(cents) else 0.0
+    if len(cents) < 3 or span < min_shaft_mm:
+        out["reason"] = (f"less than {min_shaft_mm:.0f} mm (3 slices) of femoral shaft below the "
+                         "lesser trochanter in the field of view")
         return out
-    c = shaft.mean(0)
-    _, _, vt = np.linalg.svd(shaft - c, full_matrices=False)
+    c = cents.mean(0)
+    _, _, vt = np.linalg.svd(cents - c, full_matrices=False)
     axis = vt[0] if vt[0] @ frame[2] < 0 else -vt[0]        # pointing distally
     medial_comp = axis @ (-lateral)
     out["adduction_deg"] = float(np.degrees(np.arctan2(medial_comp, -(axis @ frame[2]))))

@@ -239,8 +239,9 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
     t0 = time.perf_counter()
     probs_w = torch.softmax(logits, dim=0)
     grid = inputs.grid
-    probs = grid.to_reference(probs_w)                      # (K, *ref_shape)
-    labels = probs.argmax(axis=0).astype(np.uint8)
+    probs_t = grid.to_reference(probs_w, as_tensor=True)    # (K, *ref_shape)
+    labels = probs_t.argmax(dim=0).to(torch.uint8).numpy()
+    probs = probs_t.numpy()
     remove, removed = postprocess(labels, grid.ref_affine)
     if remove.any():
         p = probs[:, remove]

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.labels import LABELS, NUM_CLASSES, label_names, read_label_table, remap_to_project
+from pipeline.labels import NUM_CLASSES, label_names, read_label_table, remap_to_project
 
 #: Structures the "done" criteria are about; the best checkpoint maximises their mean Dice.
 KEY_STRUCTURES = ("quadratus_femoris", "lesser_trochanter", "ischial_tuberosity", "hamstring_tendon")
@@ -82,6 +82,7 @@ class TrainConfig:
     bf16: bool = False
     threads: int | None = None
     progress: bool = True
+    description: str | None = None
 
 
 # ----------------------------------------------------------------------------------- data
@@ -342,6 +343,7 @@ def run_training(cfg: TrainConfig) -> dict:
     meta = default_metadata(patch_size=list(cfg.patch))
     meta["inference"]["roi_size"] = [max(224, cfg.patch[0]), max(224, cfg.patch[1]), max(48, cfg.patch[2])]
     meta["training"] = {
+        "description": cfg.description or f"{len(records)} subjects from {cfg.data}",
         "data": str(cfg.data), "n_train": len(train_recs), "n_val": len(val_recs),
         "train_subjects": [r["subject"] for r in train_recs], "val_subjects": [r["subject"] for r in val_recs],
         "seed": cfg.seed, "batch": cfg.batch, "patch": list(cfg.patch), "lr": cfg.lr,

@@ -209,7 +209,8 @@ def read_results(results: str | Path) -> HipTable:
             continue
         for side, hip in (data.get("hips") or {}).items():
             side = norm_side(side)
-            if side and isinstance(hip, dict):
+            # a hip the tool reports as not present (outside the field of view) is a missing hip
+            if side and isinstance(hip, dict) and hip.get("present", True) is not False:
                 out.records[(subject, side)] = hip_record(hip, "tool")
         pair = _label_pair(f.parent)
         if pair:
@@ -228,8 +229,13 @@ def read_results(results: str | Path) -> HipTable:
 def read_measurement_csv(path: str | Path, notes: list, tool: bool = False) -> dict:
     """Per-hip rows of a CSV (manual measurements or the tool's per-hip cohort.csv) -> records."""
     path = Path(path)
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        text = fh.read()
+    try:  # spreadsheets export ';' or tab separated files too
+        dialect = csv.Sniffer().sniff(text.splitlines()[0] if text else ",", delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    rows = list(csv.DictReader(text.splitlines(), dialect=dialect))
     if not rows:
         raise ValueError(f"{path}: empty CSV")
     header = {}
@@ -330,7 +336,7 @@ def _measure_reference_labels(ref: HipTable, cfg: MeasureConfig) -> None:
             hips = res.get("hips", res) if isinstance(res, dict) else getattr(res, "hips", res)
             for side, hip in dict(hips).items():
                 side = norm_side(side)
-                if side and hip is not None:
+                if side and hip is not None and (not isinstance(hip, dict) or hip.get("present", True) is not False):
                     hip = hip if isinstance(hip, dict) else getattr(hip, "to_dict", lambda: vars(hip))()
                     rec = hip_record(hip, "tool")
                     ref.records[(subject, side)] = {k: rec[k] for k in ("ifs_3d", "ifs_axial", "qfs_3d", "qfs_axial")}
@@ -543,11 +549,15 @@ def agreement_table(pairs: list[dict], cfg: MeasureConfig, icc_form: str = S.DEF
     """One row per continuous measure with Bland-Altman, MAE (bootstrap CI), ICC and Pearson r."""
     rows = []
     for m in MEASURES:
-        a, b = S.paired_finite(_col(pairs, f"tool_{m.name}"), _col(pairs, f"ref_{m.name}"))
+        ta, rb = _col(pairs, f"tool_{m.name}"), _col(pairs, f"ref_{m.name}")
+        a, b = S.paired_finite(ta, rb)
         n = int(a.size)
         if n == 0:
             continue
         row: dict[str, Any] = {"measure": m.name, "label": m.label, "unit": m.unit, "n": n,
+                               # matched hips where only one side has a value (e.g. the tool could not measure)
+                               "n_tool_missing": int(np.sum(np.isfinite(rb) & ~np.isfinite(ta))),
+                               "n_reference_missing": int(np.sum(np.isfinite(ta) & ~np.isfinite(rb))),
                                "mae": S.mae(a, b)}
         boot = S.bootstrap_ci(lambda x, y: float(np.mean(np.abs(x - y))), a, b, n_boot=n_boot, seed=seed)
         row.update(mae_ci_low=boot.low, mae_ci_high=boot.high, mae_ci_note=boot.skipped or
@@ -734,7 +744,8 @@ def _with_ci(rows: list[dict], key: str) -> None:
             r[f"{key}_ci"] = _fmt_ci((lo, hi))
 
 
-AGREEMENT_COLS = [("label", "measure"), ("n", "n"), ("mae", "MAE"), ("mae_ci", "MAE 95% CI (bootstrap)"),
+AGREEMENT_COLS = [("label", "measure"), ("n", "n"), ("n_tool_missing", "tool missing"), ("mae", "MAE"),
+                  ("mae_ci", "MAE 95% CI (bootstrap)"),
                   ("bias", "bias"), ("bias_ci", "bias 95% CI"), ("loa_low", "LoA low"), ("loa_high", "LoA high"),
                   ("icc", "ICC"), ("icc_ci", "ICC 95% CI"), ("pearson_r", "Pearson r"), ("pearson_ci", "r 95% CI")]
 FLAG_COLS = [("label", "flag"), ("n", "n"), ("tp", "TP"), ("fp", "FP"), ("tn", "TN"), ("fn", "FN"),
@@ -907,7 +918,8 @@ def run_validation(results: str | Path, reference: str | Path, out_dir: str | Pa
         "n_label_comparisons": len(label_rows),
         "icc_form": icc_form, "icc_description": S.ICC_FORMS[icc_form],
         "config": cfg.to_dict(),
-        "cutoff_sources": {"ifs": cfg.source_text(cfg.ifs_cutoff_source), "qfs": cfg.source_text(cfg.qfs_cutoff_source)},
+        "cutoff_sources": {"ifs": cfg.source_text(cfg.ifs_cutoff_source),
+                           "qfs": cfg.source_text(cfg.qfs_cutoff_source)},
         "bootstrap": {"n": n_boot, "seed": seed, "min_n": S.MIN_BOOTSTRAP_N},
         "agreement": agreement, "flags": flags, "grades": grades, "labels_summary": lab_summary,
         "missing": missing, "notes": notes, "images": images,
@@ -953,9 +965,11 @@ def format_summary(summary: dict) -> str:
         return "-" if v is None else format(v, spec)
 
     if summary["agreement"]:
-        lines.append(f"{'measure':<18}{'n':>4}{'MAE':>8}{'bias':>8}{'LoA low':>9}{'LoA high':>9}{'ICC':>7}{'r':>7}")
+        lines.append(f"{'measure':<18}{'n':>4}{'miss':>5}{'MAE':>8}{'bias':>8}{'LoA low':>9}{'LoA high':>9}"
+                     f"{'ICC':>7}{'r':>7}")
         for r in summary["agreement"]:
-            lines.append(f"{r['measure']:<18}{r['n']:>4}{f(r.get('mae')):>8}{f(r.get('bias')):>8}"
+            lines.append(f"{r['measure']:<18}{r['n']:>4}{r.get('n_tool_missing', 0):>5}{f(r.get('mae')):>8}"
+                         f"{f(r.get('bias')):>8}"
                          f"{f(r.get('loa_low')):>9}{f(r.get('loa_high')):>9}{f(r.get('icc'), '.3f'):>7}"
                          f"{f(r.get('pearson_r'), '.3f'):>7}")
     if summary["flags"]:

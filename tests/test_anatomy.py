@@ -1,4 +1,6 @@
 """Anatomy stage: bone atlas, determinism, sides, labels vs truth, IFS distribution."""
+import json
+
 import numpy as np
 import pytest
 from scipy.spatial import cKDTree
@@ -110,6 +112,16 @@ def test_contents_sides_and_truth_consistency(anatomy):
         assert 3.0 < hip["qf_volume_ml"] < 60.0
         assert set(hip["pose"]) == {"rotation", "adduction", "flexion"}
     assert a.params["fov"] == "bilateral" and "shape_weights" in a.params
+    json.dumps(a.params)
+    json.dumps(a.hips)
+    # the hamstring tendon protrudes lateral to the IT: QFS is smaller than IFS (Singer 2015 ratios)
+    for hip in h.values():
+        assert hip["qfs_3d_mm"] < hip["ifs_3d_mm"] + 1.0
+
+
+def test_unknown_override_is_an_error():
+    with pytest.raises(ValueError):
+        build_anatomy(np.random.default_rng(0), fine_spacing=COARSE, not_a_parameter=1)
 
 
 def test_goutallier_grade_uses_project_bounds():

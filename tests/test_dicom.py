@@ -212,3 +212,14 @@ def test_dicom_input_labels_overlay_and_privacy(tmp_path):
     frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True,
                                                skip_overlap_checks=True)
     np.testing.assert_array_equal(np.transpose(frames, (2, 1, 0)), lab.array)
+
+
+def test_fluid_kind_of_a_dicom_folder_comes_from_its_headers(tmp_path):
+    from pipeline.api import normalise_inputs
+
+    img = _volume((12, 12, 4), oblique=False)
+    write_dicom_series(img, tmp_path / "series_a", kind="stir")
+    write_dicom_series(img, tmp_path / "series_b", kind="t2fs")
+    assert normalise_inputs({"fluid": tmp_path / "series_a"})["fluid_kind"] == "stir"
+    assert normalise_inputs({"fluid": tmp_path / "series_b"})["fluid_kind"] == "t2fs"
+    assert normalise_inputs({"fluid": tmp_path / "x_STIR.nii.gz"})["fluid_kind"] == "stir"

@@ -160,3 +160,18 @@ def test_bad_manifest_exit_2(tmp_path, capsys):
     m.write_text("name,t1\na,b\n")
     assert infer.main(["--manifest", str(m), "--out", str(tmp_path / "o")]) == 2
     assert "no 'subject' column" in capsys.readouterr().err
+
+
+def test_config_file_changes_cutoffs(tmp_path, capsys):
+    p = write_subject(tmp_path / "in", seed=0)
+    cfg = tmp_path / "cutoffs.json"
+    cfg.write_text(json.dumps({"ifs_cutoff_mm": 30.0, "ifs_cutoff_source": "my study"}))
+    assert infer.main(["--t1", str(p["t1"]), "--labels", str(p["labels"]), "--out", str(tmp_path / "o"),
+                       "--config", str(cfg), "--quiet"]) == 0
+    rec = json.loads((tmp_path / "o" / "measurements.json").read_text())
+    assert rec["config"]["ifs_cutoff_mm"] == 30.0
+    assert all(any(f["name"] == "ifs_narrow" for f in rec["hips"][s]["flags"]) for s in ("left", "right"))
+    cfg.write_text(json.dumps({"ifs_cutof_mm": 30.0}))
+    with pytest.raises(SystemExit) as info:
+        infer.main(["--t1", str(p["t1"]), "--out", str(tmp_path / "o2"), "--config", str(cfg)])
+    assert info.value.code == 2 and "unknown config keys" in capsys.readouterr().err

@@ -183,7 +183,25 @@ def check_sides_and_truth(sub_dir):
             nearest[side] = cents_w[int(np.argmin(d))]
         if {"left", "right"} <= set(hips):
             assert nearest["left"][0] < nearest["right"][0]  # patient's left = smaller RAS x
+    # QFS: first point on the hamstring tendon, second on the lesser trochanter or iliopsoas tendon
+    ham = cKDTree(_label_points(lab, LABELS["hamstring_tendon"]))
+    lt_ip = cKDTree(np.concatenate([_label_points(lab, LABELS["lesser_trochanter"]),
+                                    _label_points(lab, LABELS["iliopsoas_tendon"])]))
+    for side, h in hips.items():
+        if h.get("qfs_3d_points"):
+            assert ham.query(h["qfs_3d_points"][0])[0] <= tol, side
+            assert lt_ip.query(h["qfs_3d_points"][1])[0] <= tol, side
     return truth
+
+
+def test_single_hip_field_of_view(tmp_path):
+    toy_r = toy_anatomy(np.random.default_rng(3), fov="right", spacing=2.0)
+    row = mk.generate_subject(tmp_path, 4, 2, anatomy=toy_r, fov="right", orientation="LPS", **TOY)
+    truth = check_sides_and_truth(tmp_path / row["subject"])
+    assert set(truth["hips"]) == {"right"} and truth["acquisition"]["fov_kind"] == "right"
+    assert truth["hips"]["right"]["ifs_3d_points"][0][0] > 0
+    fov = truth["acquisition"]["grids"]["t1"]["fov_mm"]
+    assert 100 <= fov[0] <= 230
 
 
 @pytest.mark.parametrize("orientation, oblique", [("RAS", 0), ("LPS", 0), ("SRA", 0), ("PIL", 6.0)])

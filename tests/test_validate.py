@@ -60,6 +60,10 @@ def tree(tmp_path_factory):
                              "edema": ["none", "mild", "mild"][i % 3], "goutallier": i % 5})
         if s == "s05":
             del hips["right"]          # a hip missing from the results
+        if s == "s04":
+            hips["left"] = {"present": False, "ifs_mm": None}   # reported as outside the field of view
+        if s == "s03":
+            hips["left"]["qfs_mm"] = None                      # present, but the tool could not measure it
         d = results / s
         d.mkdir(parents=True)
         (d / "measurements.json").write_text(json.dumps({"subject": s, "hips": hips}))
@@ -106,28 +110,31 @@ def test_csv_reference_end_to_end(tree):
                  "summary.json", "bland_altman_ifs_3d.png", "scatter_ifs_3d.png"):
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["n_matched_hips"] == 11
-    assert summary["missing"]["hips_in_reference_only"] == ["s05/right"]
+    assert summary["n_matched_hips"] == 10
+    assert summary["missing"]["hips_in_reference_only"] == ["s04/left", "s05/right"]
     agr = {r["measure"]: r for r in _read_csv(out / "agreement.csv")}
     ifs = agr["ifs_3d"]
-    d = np.array([1.5 if k % 2 == 0 else 0.5 for k in range(11)])   # constructed differences
+    # constructed differences: 1 +- 0.5 alternating over (subject index i, side j), k = 2 i + j
+    d = np.array([1.5 if k % 2 == 0 else 0.5 for k in range(12) if k not in (8, 11)])
     assert float(ifs["bias"]) == pytest.approx(d.mean())
     assert float(ifs["loa_high"]) == pytest.approx(d.mean() + 1.96 * d.std(ddof=1))
     assert float(ifs["mae"]) == pytest.approx(d.mean())
     assert ifs["icc_form"] == "ICC(2,1)" and 0.9 < float(ifs["icc"]) < 1.0
     assert float(agr["qfs_3d"]["bias"]) == pytest.approx(0.0)
+    assert int(agr["qfs_3d"]["n"]) == 9 and int(agr["qfs_3d"]["n_tool_missing"]) == 1
     assert "ifs_axial" not in agr          # no axial column in the manual CSV
     # IFS flags at the Singer cut-off (15 mm): reference narrow hips are those <= 15
     flags = {r["flag"]: r for r in _read_csv(out / "flags.csv")}
     f = flags["ifs_3d_narrow"]
     assert "Singer" in f["source"] and float(f["cutoff"]) == 15.0
-    assert int(f["tp"]) + int(f["fn"]) == sum(v <= 15 for k, v in REF_IFS.items() if k != ("s05", "right"))
+    assert int(f["tp"]) + int(f["fn"]) == sum(v <= 15 for k, v in REF_IFS.items()
+                                              if k not in (("s05", "right"), ("s04", "left")))
     assert 0.9 <= float(f["roc_auc"]) <= 1.0
     grades = {r["grade"]: r for r in _read_csv(out / "grades.csv")}
     assert float(grades["qf_goutallier_grade"]["kappa_linear"]) == pytest.approx(1.0)
     assert float(grades["qf_edema"]["exact_agreement"]) < 1.0
     html = (out / "report.html").read_text()
-    assert "data:image/png;base64," in html and "ICC(2,1)" in html and "s05/right" in html
+    assert "data:image/png;base64," in html and "ICC(2,1)" in html and "s05/right" in html and "s04/left" in html
     assert "two-way random" in (out / "report.md").read_text()
 
 
@@ -157,7 +164,7 @@ def test_cohort_reference_maps_3d_and_axial(tree):
     assert summary["reference_kind"] == "cohort"
     assert agr["ifs_axial"]["bias"] == pytest.approx(0.5)   # tool ref+1.5 vs truth ref+1.0
     assert agr["qfs_axial"]["bias"] == pytest.approx(0.2)
-    assert agr["ifs_3d"]["n"] == 11
+    assert agr["ifs_3d"]["n"] == 10
     assert "ifs_axial_narrow" in {f["flag"] for f in summary["flags"]}
 
 
@@ -173,6 +180,11 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     assert V.main(["--results", str(tmp_path / "empty"), "--reference", str(tmp_path / "empty"),
                    "--out", str(tmp_path / "o")]) == 2
+    semi = tmp_path / "semi.csv"
+    semi.write_text("Patient ID;Hip;IFS (mm);Goutallier\np1;left;12.5;2\np1;R;20;\n")
+    recs = V.read_measurement_csv(semi, [])
+    assert recs[("p1", "left")]["ifs_3d"] == 12.5 and recs[("p1", "left")]["qf_goutallier_grade"] == 2
+    assert recs[("p1", "right")]["qf_goutallier_grade"] is None
     bad = tmp_path / "bad.csv"
     bad.write_text("name,value\na,1\n")
     with pytest.raises(ValueError, match="subject"):

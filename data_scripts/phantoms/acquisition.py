@@ -6,6 +6,14 @@ grid is stored (axis order, flips, data type). Signals are computed on the fine 
 blurred with the acquisition's point-spread function (in-plane Gaussian of one pixel FWHM,
 through-plane the slice profile: a box of the slice thickness) and sampled at the acquisition's
 voxel centres in world coordinates. Left/right is never used except through world coordinates.
+
+Protocol distribution (``draw_protocol``): 1.5 T / 3 T 50/50; fluid series T2 fat-sat 60 % / STIR
+40 %; Dixon pair 30 %; field of view bilateral 340-420 mm (matrix <= 512, pixel 0.66-1.0 mm) or
+single hip 160-220 mm (pixel 0.5-1.0 mm), 70/15/15 by default; slices 3-6 mm, gap 0 (40 %) or
+10-30 %, <= 50 slices; oblique tilt 0 (30 %) or 1-8 deg; fluid series on the T1 grid 50 %, else
+its own thickness / pixel / slice positions / FOV; Dixon ~2 mm in-plane, 3 mm slices; storage
+RAS 30 %, LPS 30 %, LAS 10 %, slice axis first 10 %, random permutation/flips 20 %; float32 40 %,
+int16 with scl_slope/inter 30 %, plain int16 30 %; SNR in muscle T1 12-40, fluid 8-30, Dixon 15-40.
 """
 from __future__ import annotations
 
@@ -211,6 +219,8 @@ def _inplane(rng, fov_x: float, fov_y: float, pixel_range=(0.5, 1.0), n_range=(6
     pixel does not exceed the drawn one unless the matrix hits its maximum)."""
     pix = rng.uniform(*pixel_range)
     nx = int(np.clip(np.ceil(fov_x / pix / 16.0) * 16, n_range[0], n_range[1]))
+    if fov_x / nx < pixel_range[0] * 0.999 and nx - 16 >= n_range[0]:
+        nx -= 16
     pix = fov_x / nx
     ny = int(min(MAX_INPLANE, max(32, np.round(fov_y / pix))))
     return nx, ny, pix
@@ -239,8 +249,12 @@ def _angles(rng, max_deg: float = 8.0, p_zero: float = 0.3):
 
 
 def draw_geometry(rng: np.random.Generator, lm: dict, fov_kind: str, *, thickness=None, gap=None,
-                  pixel_range=(0.5, 1.0), fov_scale: float = 1.0, angles=None) -> Geometry:
-    """Draw an axial acquisition grid covering the femoral head(s) down below the lesser trochanter(s)."""
+                  pixel_range=(0.5, 1.0), fov_scale: float = 1.0, angles=None, force_angles=None) -> Geometry:
+    """Draw an axial acquisition grid covering the femoral head(s) down below the lesser trochanter(s).
+
+    ``angles``: use these tilt angles instead of drawing them; ``force_angles``: draw as usual (same
+    random stream) but use these.
+    """
     sides = lm["sides"]
     use = [fov_kind] if fov_kind in sides else list(sides)
     z_lo = min(sides[s]["lt_z"][0] for s in use)
@@ -269,15 +283,26 @@ def draw_geometry(rng: np.random.Generator, lm: dict, fov_kind: str, *, thicknes
     nz, cz = _slices(rng, z_lo, z_hi, thickness, gap)
     if angles is None:
         angles = _angles(rng)
+    if force_angles is not None:
+        angles = force_angles
     g = Geometry((nx, ny, nz), (pix, pix), float(thickness), float(gap), (float(cx), float(cy), float(cz)),
                  tuple(float(a) for a in angles))
-    return fit_to_anatomy(g, lm, inplane=fov_kind != "bilateral")
+    return fit_to_anatomy(g, lm, inplane=fov_kind != "bilateral", sides=use)
 
 
-def fit_to_anatomy(g: Geometry, lm: dict, inplane: bool, tol_mm: float = 10.0, min_slices: int = 8) -> Geometry:
+def _need_z(lm: dict, sides) -> tuple[float, float]:
+    """z range the slices must cover so that the IT and LT truth surfaces are inside the volume."""
+    s = [lm["sides"][k] for k in sides if k in lm["sides"]]
+    return (min(min(v["lt_z"][0], v["it_z"][0]) for v in s) - 3.0,
+            max(max(v["lt_z"][1], v["it_z"][1]) for v in s) + 3.0)
+
+
+def fit_to_anatomy(g: Geometry, lm: dict, inplane: bool, tol_mm: float = 15.0, min_slices: int = 8,
+                   sides=("left", "right")) -> Geometry:
     """Trim a grid so that it stays within the fine anatomy grid (up to ``tol_mm``, which sampling
     fills by edge extension): slices beyond the anatomy's top/bottom are dropped, and for a
-    single-hip field of view (anatomy cut out of the body) the in-plane FOV is shrunk/shifted."""
+    single-hip field of view (anatomy cut out of the body) the in-plane FOV is shrunk/shifted.
+    The slab is then shifted, if needed, so that the IT and LT of ``sides`` stay covered."""
     box = np.asarray(lm["grid_box"])
     shape, centre = list(g.shape), np.asarray(g.centre, float)
     if inplane:
@@ -303,6 +328,13 @@ def fit_to_anatomy(g: Geometry, lm: dict, inplane: bool, tol_mm: float = 10.0, m
         shift = 0.5 * (n_bot - n_top) * g.slice_spacing if n > min_slices else 0.0
         cen = np.asarray(g.centre) + g.rotation[:, 2] * shift
         g = Geometry((g.shape[0], g.shape[1], n), g.pixel, g.thickness, g.gap, tuple(cen.tolist()), g.angles_deg)
+    lo, hi = _need_z(lm, sides)
+    half = 0.5 * (g.shape[2] - 1) * g.slice_spacing * abs(g.rotation[2, 2])
+    cz = g.centre[2]
+    shift = min(lo - (cz - half), 0.0) + max(hi - (cz + half), 0.0) if (hi - lo) <= 2 * half else 0.0
+    if shift:
+        cen = np.asarray(g.centre) + g.rotation[:, 2] * shift / abs(g.rotation[2, 2])
+        g = Geometry(g.shape, g.pixel, g.thickness, g.gap, tuple(cen.tolist()), g.angles_deg)
     return g
 
 
@@ -317,6 +349,8 @@ def _vary_fluid_geometry(rng, t1: Geometry, lm: dict, fov_kind: str, pixel_range
         g = Geometry(g.shape, g.pixel, g.thickness, g.gap,
                      (t1.centre[0], t1.centre[1], t1.centre[2] + rng.uniform(-0.5, 0.5) * g.slice_spacing),
                      g.angles_deg)
+        g = fit_to_anatomy(g, lm, inplane=fov_kind != "bilateral",
+                           sides=[fov_kind] if fov_kind in lm["sides"] else list(lm["sides"]))
     return g
 
 
@@ -332,7 +366,7 @@ def dixon_geometry(rng: np.random.Generator, lm: dict, t1: Geometry) -> Geometry
     nz, cz = _slices(rng, z_lo, z_hi, 3.0, 0.0, margins=(15.0, 30.0, 10.0, 20.0))
     centre = (t1.centre[0] + rng.uniform(-5, 5), t1.centre[1] + rng.uniform(-5, 5), cz)
     return fit_to_anatomy(Geometry((nx, ny, nz), (pix, pix), 3.0, 0.0, centre, (0.0, 0.0, 0.0)), lm,
-                          inplane=t1.shape[0] * t1.pixel[0] < 300)
+                          inplane=t1.shape[0] * t1.pixel[0] < 300, sides=list(lm["sides"]))
 
 
 def _orientation_code(rng: np.random.Generator, choice: str) -> str:
@@ -398,9 +432,7 @@ def draw_protocol(rng: np.random.Generator, lm: dict, fov_kind: str, **overrides
     pix = overrides.get("pixel")
     pix_range = (0.5, 1.0) if pix is None else (float(pix), float(pix))
     t1 = draw_geometry(geo_rng, lm, fov_kind, thickness=overrides.get("thickness"), gap=overrides.get("gap"),
-                       pixel_range=pix_range)
-    if angles is not None:
-        t1 = Geometry(t1.shape, t1.pixel, t1.thickness, t1.gap, t1.centre, angles)
+                       pixel_range=pix_range, force_angles=angles)
     fluid = _vary_fluid_geometry(geo_rng, t1, lm, fov_kind, None if pix is None else pix_range)
     if same:
         fluid = t1
@@ -465,10 +497,15 @@ def blur_psf(volume: np.ndarray, fine_spacing: np.ndarray, geometry: Geometry) -
 
 def sample_on_grid(volume: np.ndarray, crop_affine: np.ndarray, geometry: Geometry, order: int = 1) -> np.ndarray:
     """Sample a fine-grid volume at the acquisition voxel centres (world coordinates)."""
-    m = np.linalg.inv(crop_affine) @ geometry.affine
+    # In-plane, outside the anatomy grid is air: pad one voxel of zeros so that "nearest" sampling
+    # yields air there. Through-plane, "nearest" lets a few mm of a tilted slab beyond the anatomy's
+    # top/bottom repeat its edge (the slab is trimmed to stay within ``tol_mm`` of it).
+    padded = np.pad(volume, ((1, 1), (1, 1), (0, 0)))
+    shift = np.eye(4)
+    shift[:2, 3] = -1.0
+    m = np.linalg.inv(crop_affine @ shift) @ geometry.affine
     out = np.empty(geometry.shape, dtype=volume.dtype)
-    # "nearest": a few mm of a tilted slab beyond the anatomy's top/bottom repeat its edge
-    ndimage.affine_transform(volume, m[:3, :3], offset=m[:3, 3], output_shape=geometry.shape, output=out,
+    ndimage.affine_transform(padded, m[:3, :3], offset=m[:3, 3], output_shape=geometry.shape, output=out,
                              order=order, mode="nearest", prefilter=False)
     return out
 
@@ -538,7 +575,8 @@ def _intersect(box, crop):
 
 def acquire_series(anatomy: Anatomy, seq: mrp.Sequence, ts: mrp.TissueSet, geometry: Geometry,
                    snr: float, gain: float, rng: np.random.Generator, edema_box="auto") -> list[np.ndarray]:
-    """Simulate one series on its canonical grid: signal -> PSF -> sample -> bias -> Rician noise.
+    """Simulate one series on its canonical grid: signal -> PSF -> sample -> bias and texture ->
+    Rician noise.
 
     Returns a list of float32 arrays (one; two for Dixon: water, fat) on ``geometry``. ``snr`` is
     the mean healthy-muscle signal over the noise standard deviation; ``gain`` scales the output
@@ -563,6 +601,7 @@ def acquire_series(anatomy: Anatomy, seq: mrp.Sequence, ts: mrp.TissueSet, geome
     del tissue, ff, ed
     ref = mrp.reference_signal(seq, ts)
     bias = mrp.bias_field(geometry.shape, rng)
+    texture = mrp.texture_field(geometry.shape, min(geometry.pixel), rng)
     factors = _downsample_factors(anatomy.spacing, geometry)
     out = []
     while fine:
@@ -571,6 +610,7 @@ def acquire_series(anatomy: Anatomy, seq: mrp.Sequence, ts: mrp.TissueSet, geome
         img = sample_on_grid(vol, aff, geometry)
         del vol
         mrp.apply_bias(img, bias)
+        img *= texture
         mrp.add_rician_noise(img, ref / snr, rng)
         img *= np.float32(gain / max(ref, 1e-6) / 4.0)
         out.append(img)

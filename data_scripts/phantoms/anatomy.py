@@ -5,7 +5,9 @@ pose), rasterised on a fine axis-aligned RAS grid with a cortical shell (inward 
 fatty marrow. Soft tissue is built from analytic shapes placed relative to bone landmarks:
 z-dependent ellipses (muscle bellies, vessels, nerve, tendons), swept 2D capsules (quadratus
 femoris between the ischial tuberosity and the femur), a posterior band (gluteus maximus), a body
-outline with subcutaneous fat and skin.
+outline with subcutaneous fat and skin; the remaining deep compartments are filled by the nearest
+muscle (2D nearest-neighbour per slice) with fat planes between a random share of muscles, and
+hip-joint cartilage fills the space between femoral head and acetabulum.
 
 Region definitions (``Region``; one definition for labels and truth):
 * ``lesser_trochanter`` = femur solid within ``LT_RADIUS`` (11) mm of the LT landmark (the
@@ -76,7 +78,7 @@ STRUCTS: dict[str, tuple[int, int, float]] = {
     "pelvis_marrow": (_T["marrow"], _L["pelvis"], 0.8),
     "it_cortex": (_T["cortical_bone"], _L["ischial_tuberosity"], 0.0),
     "it_marrow": (_T["marrow"], _L["ischial_tuberosity"], 0.8),
-    "cartilage": (_T["cartilage"], _L["femur"], 0.0),
+    "cartilage": (_T["cartilage"], _L["background"], 0.0),  # hip joint cartilage (not bone)
 }
 SID = {name: i for i, name in enumerate(STRUCTS)}
 # muscles get individual ids from MUSCLE_ID0 upward so that fat planes can separate them
@@ -108,7 +110,7 @@ def draw_params(rng: np.random.Generator, **overrides) -> dict:
     p["subcut_fat_mm"] = {s: float(np.clip(14.0 * habitus * rng.uniform(0.9, 1.1), 3, 60)) for s in SIDES}
     p["muscle_scale"] = float(np.clip(rng.normal(1.0, 0.08), 0.8, 1.2))
     p["hamstring_tendon_mm"] = float(rng.uniform(8.0, 12.0))
-    p["hamstring_protrusion"] = float(rng.uniform(0.3, 0.5))  # share of the IFS (QFS ~ 0.5-0.7 IFS)
+    p["hamstring_protrusion"] = float(rng.uniform(0.25, 0.45))  # share of the IFS (QFS ~ 0.5-0.7 IFS)
     p["fat_plane_prob"] = float(rng.uniform(0.5, 0.95))
     p["bladder_fill"] = float(rng.uniform(0.2, 1.0))
     p["seed_texture"] = int(rng.integers(0, 2**31 - 1))
@@ -294,7 +296,9 @@ class Painter:
         view = self.ids[sl]
         m = m & ~self.protected[view]
         if only is not None:
-            m = m & np.isin(view, only)
+            allowed = np.zeros(256, bool)
+            allowed[np.asarray(only, dtype=np.int64)] = True
+            m = m & allowed[view]
         view[m] = sid
 
 
@@ -417,10 +421,11 @@ def build_anatomy(rng: np.random.Generator, *, fov: str = "bilateral", fine_spac
     for s in SIDES:
         qf_info[s] = _paint_side(P, bones, L[s], s, p, regions[s], patho[s]["atrophy"], gaps[s])
     _paint_midline(P, bones, L, p, body)
-    _fill_muscles(P, L)
-
-    # ---- fat planes between different muscles
-    _fat_planes(P, rng, p["fat_plane_prob"])
+    # fill the compartments with muscle; fat planes between a random share of muscles
+    plane_lut = np.zeros(256, bool)
+    for mid in sorted(P.muscle_label):
+        plane_lut[mid] = rng.uniform() < p["fat_plane_prob"]
+    _fill_muscles(P, L, plane_lut)
 
     # ---- bones last
     _paint_bones(P, bones, regions)
@@ -432,8 +437,11 @@ def build_anatomy(rng: np.random.Generator, *, fov: str = "bilateral", fine_spac
     lut_f = np.zeros(256, np.float32)
     for name, (t, lab, ff) in STRUCTS.items():
         lut_t[SID[name]], lut_l[SID[name]], lut_f[SID[name]] = t, lab, ff
-    for mid, lab in P.muscle_label.items():
-        lut_t[mid], lut_l[mid], lut_f[mid] = TISSUES["muscle"], lab, 0.03
+    mus_rng = np.random.default_rng(p["seed_texture"] + 1)
+    for mid, lab in sorted(P.muscle_label.items()):
+        # healthy muscle fat fraction varies a little between muscles and with habitus
+        ff = 0.02 + 0.03 * mus_rng.uniform() + 0.01 * np.mean(list(p["subcut_fat_mm"].values())) / 14.0
+        lut_t[mid], lut_l[mid], lut_f[mid] = TISSUES["muscle"], lab, min(ff, 0.12)
     tissue = lut_t[ids]
     labels = lut_l[ids]
     fat_fraction = lut_f[ids]
@@ -446,9 +454,10 @@ def build_anatomy(rng: np.random.Generator, *, fov: str = "bilateral", fine_spac
     for s in SIDES:
         surfaces[(s, "ischial_tuberosity")] = _region_patch(bones.pelvis, regions[s]["it"])
         surfaces[(s, "lesser_trochanter")] = _region_patch(bones.femur[s], regions[s]["lt"])
+    boxes = _label_boxes(labels, grid)
     for s in sides:
         for name in ("hamstring_tendon", "iliopsoas_tendon", "quadratus_femoris"):
-            sl = _label_crop(labels, LABELS[name], s, grid)
+            sl = boxes.get((s, LABELS[name]))
             if sl is not None:
                 srf = _mask_surface(labels[sl] == LABELS[name], sl, grid)
                 if srf is not None:
@@ -463,7 +472,7 @@ def build_anatomy(rng: np.random.Generator, *, fov: str = "bilateral", fine_spac
             hip["qfs_3d_mm"], hip["qfs_3d_points"] = best[0], [best[1].tolist(), best[2].tolist()]
         else:
             hip["qfs_3d_mm"], hip["qfs_3d_points"] = None, None
-        qsl = _label_crop(labels, LABELS["quadratus_femoris"], s, grid)
+        qsl = boxes.get((s, LABELS["quadratus_femoris"]))
         qf = np.zeros(grid.shape, bool)
         if qsl is not None:
             qf[qsl] = labels[qsl] == LABELS["quadratus_femoris"]
@@ -505,18 +514,17 @@ def _quick_gap(b: Bones, regions: dict, s: str) -> float:
     return float(cKDTree(pv).query(fv)[0].min())
 
 
-def _label_crop(labels, value, side, grid: Grid):
-    """Crop (slices) of the side's half of the grid that contains label value."""
-    xmid = int(np.clip(np.searchsorted(grid.x, 0.0), 0, grid.shape[0]))
-    xs = slice(0, xmid) if side == "left" else slice(xmid, grid.shape[0])
-    if xs.stop <= xs.start:
-        return None
-    m = labels[xs] == value
-    if not m.any():
-        return None
-    idx = [np.nonzero(m.any(axis=tuple(j for j in range(3) if j != i)))[0] for i in range(3)]
-    return (slice(xs.start + idx[0][0], xs.start + idx[0][-1] + 1),
-            slice(idx[1][0], idx[1][-1] + 1), slice(idx[2][0], idx[2][-1] + 1))
+def _label_boxes(labels, grid: Grid) -> dict:
+    """{(side, label value): crop slices} of each label in each half (x <= 0 left, x > 0 right)."""
+    xmid = int(np.clip(np.searchsorted(grid.x, 0.0, side="right"), 0, grid.shape[0]))
+    out = {}
+    for side, xs in (("left", slice(0, xmid)), ("right", slice(xmid, grid.shape[0]))):
+        if xs.stop <= xs.start:
+            continue
+        for value, box in enumerate(ndimage.find_objects(labels[xs]), start=1):
+            if box is not None:
+                out[(side, value)] = (slice(box[0].start + xs.start, box[0].stop + xs.start), box[1], box[2])
+    return out
 
 
 def _body_shape(b: Bones, L: dict, p: dict) -> dict:
@@ -690,9 +698,9 @@ def _paint_side(P: Painter, b: Bones, lm: dict, side: str, p: dict, region: dict
     P.tube(SID["hamstring_tendon"], knots, s)
     hu, hy = knots[len(knots) // 2][1], knots[len(knots) // 2][2]
     # iliopsoas tendon: anterior to the hip, curving posteromedially to the LT tip
-    P.tube(SID["iliopsoas_tendon"], [(H[2] + 5, H[0] - 8, H[1] + 26, 5, 3.5, 0),
-                                      (LT[2] + 25, LT[0] - 4, H[1] + 8, 4.5, 3.5, 0),
-                                      (LT[2] + 4, LT[0] - 1, LT[1] + 4, 3.5, 3, 0),
+    P.tube(SID["iliopsoas_tendon"], [(H[2] + 5, H[0] - 8, H[1] + 33, 5, 3.5, 0),
+                                      (LT[2] + 25, LT[0] + 1, H[1] + 6, 4.5, 3.5, 0),
+                                      (LT[2] + 4, LT[0] + 1, LT[1] + 5, 3.5, 3, 0),
                                       (LT[2] - 2, LT[0] + 1, LT[1] + 2, 2.5, 2.5, 0)], s)
     # sciatic nerve: posterior to QF, lateral to the hamstring origin (in a thin fat sheath)
     P.tube(SID["fat_rim"], [(zT, H[0] - 30, H[1] - 38, 11, 8, 20), (IT[2] + 20, hu + 16, IT[1] - 22, 11, 8, 20),
@@ -724,7 +732,9 @@ def _paint_gmax(P: Painter, lm: dict, side: str, soft) -> None:
     umin = 14.0 + np.clip(IT[2] - Z, 0, None) * 0.9  # inserts laterally lower down
     m = (Y < yline) & (u > umin) & P.deep[xs][:, :, None]
     view = P.ids[xs]
-    m &= np.isin(view, soft)
+    allowed = np.zeros(256, bool)
+    allowed[np.asarray(soft, dtype=np.int64)] = True
+    m &= allowed[view]
     view[m] = P.new_muscle("gluteus_maximus")
 
 
@@ -762,56 +772,39 @@ def _medial_fat_limit(lm: dict, y: np.ndarray, z: float) -> np.ndarray:
     return (1 - t) * post + t * 10.0
 
 
-def _fill_muscles(P: Painter, L: dict, max_mm: float = 30.0) -> None:
-    """Give deep-fascia fat lateral of the medial fat zones to the nearest muscle (2D per slice).
+def _fill_muscles(P: Painter, L: dict, plane_lut: np.ndarray, max_mm: float = 30.0) -> None:
+    """Give deep-fascia fat lateral of the medial fat zones to the nearest muscle, then draw fat
+    planes between adjacent muscles (2D, slice by slice).
 
-    Muscle bellies then tile the compartments like real ones; where two of them meet a fat plane
-    may be drawn later. Works on a ~1 mm in-plane copy and upsamples.
+    Muscle bellies then tile the compartments like real ones. The nearest-muscle search runs on a
+    ~1 mm in-plane copy. plane_lut[id] says whether muscle id gets a fat plane on its borders.
     """
     g = P.g
     f = max(1, int(round(1.0 / g.spacing[0])))
-    ids = P.ids
+    zmaj = np.ascontiguousarray(P.ids.transpose(2, 0, 1))  # slices contiguous in memory
     u = np.abs(g.x)[:, None]
     right = (g.x > 0)[:, None]
     step = g.spacing[0] * f
+    deep = SID["deep_fat"]
     for k in range(g.shape[2]):
-        lim = np.where(right, _medial_fat_limit(L["right"], g.y, g.z[k])[None, :],
-                       _medial_fat_limit(L["left"], g.y, g.z[k])[None, :])
-        lateral = u >= lim
-        sl = ids[:, :, k]
+        sl = zmaj[k]
         coarse = sl[::f, ::f]
         seeds = coarse >= MUSCLE_ID0
-        if not seeds.any():
-            continue
-        fill = (sl == SID["deep_fat"]) & lateral
-        if not fill.any():
-            continue
-        d, ind = ndimage.distance_transform_edt(~seeds, return_indices=True)
-        near = coarse[ind[0], ind[1]]
-        near[d * step > max_mm] = SID["deep_fat"]
-        fi, fj = np.nonzero(fill)
-        sl[fi, fj] = near[fi // f, fj // f]
-
-
-def _fat_planes(P: Painter, rng, prob: float) -> None:
-    """Thin fat between adjacent different muscles (a random share of muscle pairs)."""
-    ids = P.ids
-    m = ids >= MUSCLE_ID0
-    keep = {mid: rng.uniform() < prob for mid in P.muscle_label}
-    for ax in (0, 1):
-        a = np.take(ids, range(1, ids.shape[ax]), axis=ax)
-        bb = np.take(ids, range(0, ids.shape[ax] - 1), axis=ax)
-        edge = (a != bb) & (a >= MUSCLE_ID0) & (bb >= MUSCLE_ID0)
-        if not edge.any():
-            continue
-        lut = np.zeros(256, bool)
-        for mid, k in keep.items():
-            lut[mid] = k
-        edge &= lut[a]
-        idx = [slice(None)] * 3
-        idx[ax] = slice(1, None)
-        sub = ids[tuple(idx)]
-        sub[edge & m[tuple(idx)]] = SID["deep_fat"]
+        if seeds.any():
+            lim = np.where(right, _medial_fat_limit(L["right"], g.y, g.z[k])[None, :],
+                           _medial_fat_limit(L["left"], g.y, g.z[k])[None, :])
+            fill = (sl == deep) & (u >= lim)
+            if fill.any():
+                d, ind = ndimage.distance_transform_edt(~seeds, return_indices=True)
+                near = coarse[ind[0], ind[1]]
+                near[d * step > max_mm] = deep
+                fi, fj = np.nonzero(fill)
+                sl[fi, fj] = near[fi // f, fj // f]
+        for a, b in ((sl[1:], sl[:-1]), (sl[:, 1:], sl[:, :-1])):
+            edge = (a != b) & (a >= MUSCLE_ID0) & (b >= MUSCLE_ID0)
+            edge &= plane_lut[a]
+            a[edge] = deep
+    P.ids[...] = zmaj.transpose(1, 2, 0)
 
 
 def _paint_bones(P: Painter, b: Bones, regions: dict) -> None:
@@ -831,12 +824,22 @@ def _paint_bones(P: Painter, b: Bones, regions: dict) -> None:
         if not outer.any():
             return
         inner = rasterize(inner_mesh(surf, thick), surf.faces, org, g.spacing, shp) & outer
-        X = g.x[sl[0]][:, None, None]
-        Y = g.y[sl[1]][None, :, None]
-        Z = g.z[sl[2]][None, None, :]
         reg = np.zeros(shp, bool)
         for region in balls:
-            reg |= region.contains(X, Y, Z)
+            lo = region.centre - region.radius
+            hi = np.minimum(region.centre + region.radius, [np.inf, region.y_max, region.z_max])
+            rs = g.crop(lo, hi)
+            if rs is None:
+                continue
+            # the region's box relative to the bone crop
+            rel = tuple(slice(max(a.start, c.start) - c.start, min(a.stop, c.stop) - c.start)
+                        for a, c in zip(rs, sl))
+            if any(r.stop <= r.start for r in rel):
+                continue
+            X = g.x[sl[0]][rel[0]][:, None, None]
+            Y = g.y[sl[1]][rel[1]][None, :, None]
+            Z = g.z[sl[2]][rel[2]][None, None, :]
+            reg[rel] |= region.contains(X, Y, Z)
         ids = P.ids[sl]
         shell = outer & ~inner
         ids[shell & ~reg] = SID[names[0]]
@@ -844,6 +847,22 @@ def _paint_bones(P: Painter, b: Bones, regions: dict) -> None:
         ids[shell & reg] = SID[names[2]]
         ids[inner & reg] = SID[names[3]]
 
+    # hip joint: cartilage between the femoral head and the acetabulum, on the head side of the
+    # neck (painted first: the bones overwrite whatever of the shell they occupy)
+    for s in SIDES:
+        c, r_head = b.hip_centre[s], b.head_radius[s]
+        r_out = max(b.extra["acetabulum_radius"][s], r_head + 2.0) + 0.5
+        sl = g.crop(c - r_out, c + r_out)
+        if sl is None:
+            continue
+        X = g.x[sl[0]][:, None, None] - c[0]
+        Y = g.y[sl[1]][None, :, None] - c[1]
+        Z = g.z[sl[2]][None, None, :] - c[2]
+        rr = np.sqrt(X * X + Y * Y + Z * Z)
+        n = b.neck_axis[s]
+        # on the head (not the neck), and not below the head's lower third (acetabular notch)
+        head_side = ((X * n[0] + Y * n[1] + Z * n[2]) > -0.35 * r_head) & (Z > -0.45 * r_head)
+        P.mask(sl, (rr >= r_head - 0.5) & (rr <= r_out) & head_side, SID["cartilage"])
     pel = b.pelvis
     t = np.full(len(pel.vertices), 1.6)
     for s in SIDES:

@@ -114,7 +114,10 @@ def sample_bones(rng: np.random.Generator, shape_sd: float = 1.0, *, n_modes: in
             missing sides/keys are neutral (0).
         tilt_deg: pelvic tilt about the left-right axis through the hip centres (positive =
             anterior tilt); drawn N(0, 4) when None.
-    Returns: ``Bones``; world origin = midpoint of the two hip centres (before tilt).
+    Returns: ``Bones`` in a pelvic world frame: origin at the midpoint of the two hip centres,
+    +x along the inter-hip axis toward the patient's right, +y anterior (normal to the anterior
+    pelvic plane ASIS-ASIS-pubic tubercles), +z superior, then tilted by ``tilt_deg`` about x
+    (a supine patient lying straight in the scanner).
     """
     atlas = load_atlas()
     n_modes = min(n_modes, atlas["pelvis_modes"].shape[0])

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from .model import TISSUES
 
@@ -306,6 +307,38 @@ def apply_bias(volume: np.ndarray, bias: tuple[np.ndarray, np.ndarray]) -> np.nd
     return volume
 
 
+def texture_field(shape: tuple[int, int, int], pixel_mm: float, rng: np.random.Generator,
+                  amplitude=(0.02, 0.06), grain_mm=(1.5, 4.0)) -> np.ndarray:
+    """Mild multiplicative tissue texture (1 + a * smooth unit noise), float32, for an acquisition
+    grid of in-plane ``pixel_mm`` (K = slice axis; thick slices get independent patterns).
+
+    Breaks the piecewise-constant look of a label-driven phantom (a network should not learn that
+    tissue is perfectly flat); grain and amplitude are drawn per series.
+    """
+    amp = rng.uniform(*amplitude)
+    step = max(1, int(round(rng.uniform(*grain_mm) / pixel_mm)))
+    coarse = (-(-shape[0] // step) + 1, -(-shape[1] // step) + 1, shape[2])
+    n = rng.standard_normal(coarse, dtype=np.float32)
+    n = ndimage.gaussian_filter(n, (0.7, 0.7, 0.0))
+    n *= np.float32(amp / max(float(n.std()), 1e-6))
+    # linear upsampling as two small matrix products per slice (much faster than ndimage.zoom)
+    wx, wy = (_interp_matrix(coarse[a], shape[a], step) for a in (0, 1))
+    up = wx @ np.moveaxis(n, 2, 0) @ wy.T          # (K, I, J)
+    up += np.float32(1.0)
+    return np.moveaxis(up, 0, 2)                   # (I, J, K) view
+
+
+def _interp_matrix(n_coarse: int, n_fine: int, step: int) -> np.ndarray:
+    """(n_fine, n_coarse) linear-interpolation weights, coarse node c at fine index c * step."""
+    pos = np.arange(n_fine) / step
+    i0 = np.minimum(np.floor(pos).astype(int), n_coarse - 2)
+    t = (pos - i0).astype(np.float32)
+    w = np.zeros((n_fine, n_coarse), np.float32)
+    w[np.arange(n_fine), i0] = 1.0 - t
+    w[np.arange(n_fine), i0 + 1] = t
+    return w
+
+
 def add_rician_noise(signal: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Magnitude of (signal + complex Gaussian noise of std ``sigma`` per channel), in place, float32."""
     n = rng.standard_normal(signal.shape, dtype=np.float32)
@@ -324,5 +357,5 @@ __all__ = [
     "WATER_PARAMS", "FAT_PARAMS", "EDEMA_PARAMS", "SEQUENCES", "TissueSet", "Sequence", "tissue_set",
     "perturb_tissues", "draw_sequence", "signal_tables", "reference_signal", "simulate", "dixon_images",
     "nonzero_box",
-    "bias_field", "bias_field_1d", "apply_bias", "add_rician_noise",
+    "bias_field", "bias_field_1d", "apply_bias", "texture_field", "add_rician_noise",
 ]
