@@ -27,7 +27,7 @@ EXAMPLE_DIR = REPO / "data_scripts" / "example"
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface (no heavy imports here: --help stays fast)."""
     ap = argparse.ArgumentParser(
-        prog="infer.py", description=__doc__.split("\n\n")[0],
+        prog="infer.py", description=__doc__,
         epilog="Outputs per subject: measurements.json, labels.nii.gz + labels.json, qc.png; per cohort "
                "also cohort.csv, errors.csv, report.html. Flags are findings against published "
                "cut-offs, not diagnoses.",
@@ -55,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--subject", metavar="ID", help="subject ID recorded in the outputs (default: folder name)")
     out.add_argument("--config", metavar="JSON", help="cut-offs file (keys of pipeline.config.MeasureConfig)")
     out.add_argument("--model", metavar="PATH", help="model bundle (default: the bundled model)")
-    out.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    out.add_argument("--dicom-seg", action="store_true", help="also write a DICOM SEG (DICOM input only)")
+    out.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="where the network runs (auto: CUDA when available)")
+    out.add_argument("--dicom-seg", action="store_true",
+                     help="also write labels.seg.dcm when the T1 (reference) is DICOM; as the standard "
+                          "requires, it carries the source's patient/study fields")
     out.add_argument("--include-identifiers", action="store_true",
                      help="copy patient-identifying DICOM fields into measurements.json (off by default)")
     out.add_argument("--quiet", action="store_true", help="only errors")

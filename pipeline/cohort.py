@@ -7,7 +7,8 @@ other columns are ignored. Paths are relative to the manifest's folder. The phan
 (CLI ``--use-labels``): by default the network segments.
 
 Resume: a subject is done when ``OUT/<subject>/measurements.json`` exists and records the same
-input sha256 hashes and model (weights sha256, or label-map hash). ``force=True`` redoes all.
+input sha256 hashes, model (weights sha256 + version, or label-map hash) and measurement
+configuration (cut-offs). ``force=True`` redoes all.
 
 Engines (same worker function, so identical results):
   * ``local``: ``concurrent.futures.ProcessPoolExecutor`` (forkserver), the model loaded once per
@@ -21,6 +22,7 @@ Engines (same worker function, so identical results):
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sys
 import time
@@ -166,8 +168,9 @@ def _ray_process_task(task: dict, options: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # driver side
 # ----------------------------------------------------------------------------------------------
-def is_done(task: dict, model_key: dict | None) -> bool:
-    """True when the subject's measurements.json exists and matches the inputs and model."""
+def is_done(task: dict, model_key: dict | None, config: dict | None = None) -> bool:
+    """True when the subject's measurements.json exists and matches the inputs, the model and
+    (when given, as JSON) the measurement configuration: changed cut-offs change the flags."""
     from pipeline.report import read_measurements
 
     rec = read_measurements(Path(task["out_dir"]) / "measurements.json")
@@ -175,6 +178,8 @@ def is_done(task: dict, model_key: dict | None) -> bool:
         return False
     prov = rec.get("provenance", {})
     if prov.get("input_sha256") != task.get("hashes"):
+        return False
+    if config is not None and rec.get("config") != config:
         return False
     model = prov.get("model", {}) or {}
     if task.get("labels"):
@@ -221,6 +226,9 @@ def _run_local(tasks: list[dict], options: dict, workers: int, on_result, fn=Non
                                        "message": "worker process died (killed, out of memory or crashed)"})
                         else:
                             suspects.append(t)
+                    except Exception as exc:   # e.g. a result that cannot be unpickled
+                        on_result({"subject": t["subject"], "ok": False, "stage": "internal",
+                                   "message": f"{type(exc).__name__}: {exc}"})
             if broken:
                 suspects.extend(in_flight.values())
                 in_flight.clear()
@@ -301,7 +309,8 @@ def run_cohort(manifest, out_dir, *, workers: int = 1, engine: str = "local", ra
     """
     from pipeline.api import input_hashes, model_identity, normalise_inputs
     from pipeline.config import MeasureConfig
-    from pipeline.report import read_measurements, write_cohort_csv, write_errors_csv, write_report_html
+    from pipeline.report import (read_measurements, to_jsonable, write_cohort_csv, write_errors_csv,
+                                 write_report_html)
 
     if engine not in ("local", "ray"):
         raise ValueError(f"unknown engine {engine!r} (local or ray)")
@@ -320,6 +329,7 @@ def run_cohort(manifest, out_dir, *, workers: int = 1, engine: str = "local", ra
         if model_key.get("sha256") is None:
             raise SubjectError("model", f"model weights not found ({model_key['file']}); train one or "
                                         "pass --model, or measure given label maps (--use-labels)")
+    config_json = json.loads(json.dumps(to_jsonable(config.to_dict())))
     for spec in specs:
         task = spec.task(out_dir)
         try:
@@ -329,7 +339,7 @@ def run_cohort(manifest, out_dir, *, workers: int = 1, engine: str = "local", ra
         except SubjectError as exc:
             errors.append({"subject": spec.subject, "stage": exc.stage, "message": exc.message})
             continue
-        if not force and is_done(task, model_key):
+        if not force and is_done(task, model_key, config_json):
             skipped += 1
             continue
         tasks.append(task)

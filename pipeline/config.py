@@ -41,10 +41,14 @@ class MeasureConfig:
     qfs_cutoff_source: str = "singer2015"
     # Edema: reference upper limit = this percentile of the reference muscle's intensities
     edema_reference_percentile: float = 97.5
-    # fraction of QF voxels above the reference limit that counts as positive (2.5 % in the STIR
-    # literature; we use it as the 'mild' threshold and a larger share for 'marked')
+    # Share of QF voxels above that limit. The STIR literature calls a muscle positive above
+    # 2.5 % with a limit from healthy controls; against the patient's own reference muscle a
+    # healthy QF already shows ~2.5-5 % (noise, partial volume), so 'mild' starts at 4x that
+    # (ifi-seg design choice) and 'marked' when most of the muscle exceeds the limit (median
+    # above it: diffuse edema). Grade = marked if share >= marked or ratio >= ratio_marked, else
+    # mild if share >= mild or ratio >= ratio_mild, else none (pipeline.signal.edema_grade).
     edema_fraction_mild: float = 0.10
-    edema_fraction_marked: float = 0.50   # most of the muscle above the limit: diffuse edema
+    edema_fraction_marked: float = 0.50
     edema_ratio_mild: float = 1.25    # median QF / median reference muscle on the fluid image
     edema_ratio_marked: float = 1.8
     edema_source: str = "stir_url"

@@ -355,6 +355,15 @@ def _thumbnail_uri(png_path: Path, width: int = 420) -> str | None:
         return None
 
 
+def _measure_value(row: dict, key: str):
+    """The axial value of a distance (what the published cut-offs refer to), else the 3D one."""
+    for k in (f"{key}_axial_mm", f"{key}_mm"):
+        v = row.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
 def _distribution_plot(rows: list[dict], config) -> str:
     import matplotlib
 
@@ -363,22 +372,38 @@ def _distribution_plot(rows: list[dict], config) -> str:
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     rng = np.random.default_rng(0)
-    for ax, key, cut in ((axes[0], "ifs_mm", config.ifs_cutoff_mm), (axes[1], "qfs_mm", config.qfs_cutoff_mm)):
+    for ax, key, cut in ((axes[0], "ifs", config.ifs_cutoff_mm), (axes[1], "qfs", config.qfs_cutoff_mm)):
         data = []
         for i, side in enumerate(SIDES):
-            vals = np.array([r[key] for r in rows if r["side"] == side and isinstance(r.get(key), (int, float))],
-                            float)
+            vals = np.array([v for r in rows if r["side"] == side
+                             for v in [_measure_value(r, key)] if v is not None], float)
             data.append(vals)
             ax.scatter(i + rng.uniform(-0.12, 0.12, len(vals)), vals, s=12, alpha=0.7)
         if any(len(d) for d in data):
             ax.boxplot([d if len(d) else [np.nan] for d in data], positions=[0, 1], widths=0.45,
                        showfliers=False)
         ax.axhline(cut, color="red", ls="--", lw=1, label=f"cut-off {cut:g} mm")
-        ax.set_xticks([0, 1], [f"{s} (n={len(d)})" for s, d in zip(SIDES, data)])
-        ax.set_ylabel(key.replace("_mm", " (mm)").upper())
+        ax.set_xticks([0, 1], [f"{s} hip (n={len(d)})" for s, d in zip(SIDES, data)])
+        ax.set_ylabel(f"{key.upper()} (mm, axial)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     return _png_data_uri(fig)
+
+
+def _side_summary(rows: list[dict]) -> str:
+    """HTML table: per side the number of hips, median axial IFS / QFS and flagged hips."""
+    out = ["<table><tr><th>side</th><th>hips</th><th>median IFS mm</th><th>median QFS mm</th>"
+           "<th>flagged</th></tr>"]
+    for side in SIDES:
+        rs = [r for r in rows if r["side"] == side]
+        meds = []
+        for key in ("ifs", "qfs"):
+            vals = [v for r in rs for v in [_measure_value(r, key)] if v is not None]
+            meds.append(f"{np.median(vals):.1f}" if vals else "")
+        out.append(f"<tr><td>{side}</td><td>{len(rs)}</td><td>{meds[0]}</td><td>{meds[1]}</td>"
+                   f"<td>{sum(1 for r in rs if r.get('flags'))}</td></tr>")
+    out.append("</table>")
+    return "".join(out)
 
 
 def write_report_html(path, out_dir, records: list[dict], rows: list[dict], errors: list[dict],
@@ -402,11 +427,12 @@ def write_report_html(path, out_dir, records: list[dict], rows: list[dict], erro
     ]
     if rows:
         parts.append("<h2>IFS and QFS by side</h2>")
+        parts.append(_side_summary(rows))
         parts.append(f"<img alt='IFS/QFS distributions' src='{_distribution_plot(rows, config)}'>")
     parts.append("<h2>Flagged hips</h2>")
     if flagged:
         thumbs: dict[str, str | None] = {}
-        parts.append("<table><tr><th>subject</th><th>side</th><th>IFS mm</th><th>QFS mm</th>"
+        parts.append("<table><tr><th>subject</th><th>side</th><th>IFS mm axial (3D)</th><th>QFS mm axial (3D)</th>"
                      "<th>edema</th><th>fat fraction</th><th>flags</th><th>QC</th></tr>")
         by_subject = {str(rec.get("subject")): rec for rec in records}
         for r in flagged:
@@ -417,8 +443,9 @@ def write_report_html(path, out_dir, records: list[dict], rows: list[dict], erro
             texts = "<br>".join(esc(str(f.get("text") or f.get("name"))) for f in raised_flags(hip))
             img = f"<img src='{thumbs[sid]}' width='420'>" if thumbs[sid] else ""
             parts.append(
-                f"<tr><td>{esc(sid)}</td><td>{esc(r['side'])}</td><td>{_cell(r.get('ifs_mm'))}</td>"
-                f"<td>{_cell(r.get('qfs_mm'))}</td><td>{_cell(r.get('qf_edema_grade'))}</td>"
+                f"<tr><td>{esc(sid)}</td><td>{esc(r['side'])}</td>"
+                f"<td>{_cell(r.get('ifs_axial_mm'))} ({_cell(r.get('ifs_mm'))})</td>"
+                f"<td>{_cell(r.get('qfs_axial_mm'))} ({_cell(r.get('qfs_mm'))})</td><td>{_cell(r.get('qf_edema_grade'))}</td>"
                 f"<td>{_cell(r.get('qf_fat_fraction'))}</td><td>{texts}</td><td>{img}</td></tr>")
         parts.append("</table>")
     else:
@@ -436,7 +463,9 @@ def write_report_html(path, out_dir, records: list[dict], rows: list[dict], erro
         "(IFS) is the shortest distance between the lateral cortex of the ischial tuberosity and the "
         "medial cortex of the lesser trochanter (Torriani 2009); the quadratus femoris space (QFS) the "
         "shortest distance between the hamstring tendons and the lesser trochanter / iliopsoas tendon. "
-        "Both are given as a 3D shortest distance and on the narrowest axial slice, with their end points. "
+        "Both are given as a 3D shortest distance and on the narrowest axial slice, with their end points; "
+        "flags and the plots use the axial value (as the published cut-offs do), the 3D value when no "
+        "axial slice holds both structures. "
         f"IFS is flagged at &le; {config.ifs_cutoff_mm:g} mm ({esc(config.source_text(config.ifs_cutoff_source))}); "
         f"QFS at &le; {config.qfs_cutoff_mm:g} mm ({esc(config.source_text(config.qfs_cutoff_source))}). "
         f"Quadratus femoris edema: {esc(config.source_text(config.edema_source))}; reference muscle gluteus "

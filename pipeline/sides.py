@@ -5,8 +5,8 @@ storage order:
 
 * bilateral field of view (two femora, or two ischial tuberosities, far apart): the mid-sagittal
   plane is the perpendicular bisector of the two femoral (else ischial) centroids; the hip on the
-  +x side of it is the right hip. Each connected component goes to the side holding its
-  centroid; components straddling the plane (subcutaneous fat, pelvis) are split by it.
+  +x side of it is the right hip. Every structure's voxels are split by that plane (a hip's
+  structures lie well to one side of it; midline ones such as subcutaneous fat are cut by it).
 * single hip: the femur lies lateral to the ischium, so a femur with larger x than the ischial
   tuberosity (or the rest of the pelvis) is a right hip; without the pelvis, the lesser trochanter
   lies medial to the femoral shaft. Only as a last resort (with a warning): the side of the

@@ -158,6 +158,13 @@ def test_resume_skips_done_redoes_changed_and_force(bad_cohort, tmp_path):
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj) * 2, img.affine), str(t1))
     summary = run_cohort(bad_cohort["manifest"], out, use_labels=True, quiet=True, max_voxels=1_000_000)
     assert (summary["done"], summary["skipped"]) == (1, 1)
+    # changed cut-offs change the flags: everything is redone
+    from pipeline.config import MeasureConfig
+
+    summary = run_cohort(bad_cohort["manifest"], out, use_labels=True, quiet=True, max_voxels=1_000_000,
+                         config=MeasureConfig(ifs_cutoff_mm=25.0))
+    assert summary["done"] == len(GOOD)
+    assert json.loads((out / "good0" / "measurements.json").read_text())["config"]["ifs_cutoff_mm"] == 25.0
 
 
 def test_manifest_parsing(tmp_path):

@@ -36,7 +36,6 @@ def _images(lab: Image, edema_side="left", ff=(0.35, 0.04)):
     fluid += rng.normal(0, 4, fluid.shape).astype(np.float32)
     shape, aff = grid_for((1.8, 1.8, 3.0))
     w = world_grid(shape, aff)
-    from tests.analytic_hips import render_labels, hip_geometry  # noqa: F401
     # nearest lookup of the label map at the Dixon voxel centres
     ijk = np.rint(np.einsum("ij,...j->...i", np.linalg.inv(lab.affine)[:3, :3], w)
                   + np.linalg.inv(lab.affine)[:3, 3]).astype(int)

@@ -241,7 +241,25 @@ def simulate(seq: Sequence, ts: TissueSet, tissue: np.ndarray, fat_fraction: np.
     fat -= water
     fat *= fat_fraction
     water += fat
+    _infiltration_density(water, ts, tissue, fat_fraction)
     return water
+
+
+def _infiltration_density(volume: np.ndarray, ts: TissueSet, tissue: np.ndarray,
+                          fat_fraction: np.ndarray) -> None:
+    """Scale fatty-infiltrated muscle voxels by their proton density, in place.
+
+    Fatty infiltration replaces muscle by adipose tissue, so a voxel's proton density moves from
+    muscle's towards adipose tissue's as its fat fraction rises (a fully replaced voxel looks like
+    subcutaneous fat). Without this a 'fatty muscle' voxel would stay darker than fat on T1.
+    """
+    idx = np.flatnonzero((tissue == TISSUES["muscle"]) & (fat_fraction > 0.03))
+    if idx.size == 0:
+        return
+    rho_m, rho_f = float(ts.rho[TISSUES["muscle"]]), float(ts.rho[TISSUES["fat"]])
+    share = np.minimum(fat_fraction.reshape(-1)[idx] / np.float32(0.95), 1.0)
+    flat = volume.reshape(-1)
+    flat[idx] *= 1.0 + share * np.float32(rho_f / max(rho_m, 1e-6) - 1.0)
 
 
 def dixon_images(ts: TissueSet, seq: Sequence, tissue: np.ndarray, fat_fraction: np.ndarray,
@@ -257,6 +275,7 @@ def dixon_images(ts: TissueSet, seq: Sequence, tissue: np.ndarray, fat_fraction:
     dens[TISSUES["vessel"]] *= seq.flow_factor
     dens[TISSUES["air"]] = 0.0
     water = dens[tissue]
+    _infiltration_density(water, ts, tissue, fat_fraction)
     fat = water * fat_fraction
     water -= fat
     box = nonzero_box(edema) if isinstance(edema_box, str) else edema_box
