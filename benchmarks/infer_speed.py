@@ -7,7 +7,7 @@ resampled onto a 320 x 320 x 40 axial grid covering the T1's field of view (a ty
 T1 + T2 fat-sat pair). Prints:
   * CLI cold start: ``python infer.py --t1 --t2fs --out`` in a fresh process (imports + model
     load + segmentation + measurement + outputs), median wall seconds and peak RSS (ru_maxrss
-    of that process, via ``os.wait4``);
+    via ``os.wait4``: the largest of the process and its children);
   * API warm: ``pipeline.api.run_subject`` with the model loaded once, median seconds per scan;
   * cohort throughput with ``--workers 1`` and ``--workers 2`` on ``--cohort`` copies of the scan
     (subjects per minute, whole command wall time).
@@ -63,7 +63,8 @@ def _prepare_scan(folder: Path, subject_dir: Path | None) -> dict:
 
 
 def _run_child(cmd: list[str], env: dict) -> tuple[float, float, int]:
-    """Run a command; return (wall seconds, peak RSS MiB of that process, exit code)."""
+    """Run a command; return (wall seconds, peak RSS MiB, exit code). The peak is ru_maxrss from
+    ``os.wait4``: the largest of the process and its reaped children (pool workers)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
                 cmd += ["--model", model] if model else []
                 wall, peak, code = _run_child(cmd, env)
                 print(f"cohort of {args.cohort}, --workers {workers}: {wall:.1f} s, "
-                      f"{60 * args.cohort / wall:.1f} subjects/min (driver peak RSS {peak:.0f} MiB, exit {code})")
+                      f"{60 * args.cohort / wall:.1f} subjects/min (largest process peak RSS {peak:.0f} MiB, exit {code})")
     return 0
 
 

@@ -65,7 +65,6 @@ def write_dicom_series(image, out_dir, *, kind: str = "t1", shuffle: bool = True
     Returns:
         The written file paths in slice order.
     """
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 

@@ -45,10 +45,11 @@ def default_metadata(**overrides) -> dict:
         "normalisation": dict(NORMALISATION),
         "architecture": dict(DEFAULT_ARCHITECTURE),
         "patch_size": [128, 128, 16],
-        # whole volume in one pass up to max_whole_voxels (working grid), else sliding window
-        # (4.5 M voxels: ~1.3 GB peak in float32; larger grids go in 224 x 224 in-plane tiles)
-        "inference": {"mode": "auto", "max_whole_voxels": 4_500_000, "roi_size": [224, 224, 48],
-                      "overlap": 0.25, "bf16": False},
+        # whole volume in one pass up to max_whole_voxels (working grid; 8 M voxels peak ~1.5 GB
+        # with bf16, 4.5 M ~1.9 GB in float32), else sliding window in 224 x 224 in-plane tiles.
+        # bf16 autocast: same Dice to 0.001 as float32 in our check, 1.2-1.5x faster, less memory.
+        "inference": {"mode": "auto", "max_whole_voxels": 8_000_000, "max_whole_voxels_fp32": 4_500_000,
+                      "roi_size": [224, 224, 48], "overlap": 0.25, "bf16": True},
         "training": {},
         "metrics": {},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -110,11 +110,9 @@ def slice_sdf(mask: np.ndarray, spacing: np.ndarray, smooth_voxels: float = SDF_
               ) -> np.ndarray:
     """Per-slice 2D signed distance (mm, negative inside) of a slices-last mask.
 
-    The boundary sits half-way between inside and outside voxel centres. Slices without the
-    structure take the mirror of their neighbour's map, so the structure ends half-way to them
-    (shape-based interpolation then caps it there); where the two slices before the gap hold
-    the structure, their through-plane trend is continued instead (a rounded end, as anatomy
-    has), never letting the structure reach the empty slice's centre plane.
+    The boundary sits half-way between inside and outside voxel centres. A slice without the
+    structure next to one with it takes a stand-in map (``_end_cap``) so that shape-based
+    interpolation closes the structure with a rounded end between the two slices.
     """
     si, sj = float(spacing[0]), float(spacing[1])
     half = 0.25 * (si + sj)
@@ -128,22 +126,45 @@ def slice_sdf(mask: np.ndarray, spacing: np.ndarray, smooth_voxels: float = SDF_
         for k in np.flatnonzero(present):
             sdf[:, :, k] = ndimage.gaussian_filter(sdf[:, :, k], smooth_voxels, mode="nearest")
     K = mask.shape[2]
-    floor = 0.5 * min(si, sj)
+    t = float(spacing[2])
+    area = mask.sum(axis=(0, 1)).astype(float)
     for k in np.flatnonzero(~present):
         nb = []
         for step in (-1, 1):
             n = k + step
-            if not (0 <= n < K and present[n]):
-                continue
-            n2 = n + step
-            if 0 <= n2 < K and present[n2]:
-                # continue the through-plane trend of the last two slices (a rounded end),
-                # but nothing is inside at this slice's centre plane
-                nb.append(np.maximum(2 * sdf[:, :, n] - sdf[:, :, n2], floor))
-            else:
-                nb.append(np.abs(sdf[:, :, n]))
+            if 0 <= n < K and present[n]:
+                nb.append(_end_cap(sdf[:, :, n], area, n, step, t))
         sdf[:, :, k] = np.maximum.reduce(nb) if nb else _FAR
     return sdf
+
+
+def _end_cap(f: np.ndarray, area: np.ndarray, n: int, step: int, t: float) -> np.ndarray:
+    """Stand-in map for the empty slice next to the structure's last slice ``n`` (map ``f``).
+
+    The structure ends between the two slices as a dome (paraboloid): its section shrinks from
+    slice n's outline to a tip at height H above slice n. Interpolating linearly from ``f`` to
+    the returned map puts the zero crossing of a pixel at depth d (mm inside the outline; D the
+    deepest) at H (2s - s^2) with s = d / D. H is where the section area, extrapolated from the
+    last three slices (quadratic: exact for spheres and paraboloids) or two (linear), reaches
+    zero, when the sections shrink toward the gap; else t / 2 (an end anywhere in the gap is
+    equally likely). H stays inside the gap (the empty slice's centre plane holds nothing).
+    """
+    depth = max(-float(f.min()), 1e-6)
+    h = 0.5 * t
+    a0 = area[n]
+    a1 = area[n + step] if 0 <= n + step < len(area) else 0.0
+    a2 = area[n + 2 * step] if 0 <= n + 2 * step < len(area) else 0.0
+    if a1 > a0 > 0:
+        h = t * a0 / (a1 - a0)
+        if a2 > 0:
+            # quadratic through the last three sections (exact for spheres and paraboloids)
+            c = 0.5 * (a2 - 2 * a1 + a0)
+            b = c - a1 + a0
+            if c < 0:
+                h = t * float((-b - np.sqrt(b * b - 4 * c * a0)) / (2 * c))
+    h = float(np.clip(h, 0.1 * t, 0.9 * t))
+    s = np.clip(-f / depth, 0.0, 1.0)
+    return f + (t * depth / (2.0 * h)) / (1.0 - 0.5 * s)
 
 
 # --------------------------------------------------------------------------- exact distances
@@ -270,8 +291,9 @@ def _upsample_slices(sdf: np.ndarray, factor: int, clip: float, present: np.ndar
     Catmull-Rom (local cubic) interpolation follows the curvature of a surface between slices
     (linear interpolation flattens convex shapes by ~T^2 / 8R, T the slice spacing, R the
     radius of curvature); values are clipped to +-``clip`` first so that the stand-in for
-    "structure far away" cannot ring into the interpolated field. Next to a slice without the
-    structure (its map is a stand-in, not a measurement) the interpolation is linear.
+    "structure far away" cannot ring into the interpolated field. Between the last slice with
+    the structure and the end stand-in (``_end_cap``) the interpolation is linear (the stand-in
+    is built for that); the stand-in may be an outer control point of the cubic.
     """
     K = sdf.shape[2]
     if factor <= 1 or K < 2:
@@ -286,7 +308,9 @@ def _upsample_slices(sdf: np.ndarray, factor: int, clip: float, present: np.ndar
     u2, u3 = u * u, u * u * u
     cub = 0.5 * ((2 * p1) + (-p0 + p2) * u + (2 * p0 - 5 * p1 + 4 * p2 - p3) * u2
                  + (-p0 + 3 * p1 - 3 * p2 + p3) * u3)
-    ok = present[k0] & present[k1] & present[k1 + 1] & present[k3]
+    # outer control points may be an end stand-in (a modelled cap), never "far away"
+    modelled = present | (sdf.reshape(-1, K).min(0) < 0.5 * _FAR)
+    ok = modelled[k0] & present[k1] & present[k1 + 1] & modelled[k3]
     return np.where(ok, cub, lin)
 
 

@@ -16,7 +16,6 @@ import html
 import io as _io
 import json
 import math
-import os
 import textwrap
 from pathlib import Path
 
@@ -196,7 +195,7 @@ def save_qc_png(path, display: Image, labels: Image, record: dict, dpi: int = 90
     lo, hi = np.percentile(vals, [1, 99.5]) if vals.size else (0, 1)
     sp = disp.spacing
     ratio = (disp.shape[1] * sp[1]) / max(disp.shape[0] * sp[0], 1e-6)   # slice height / width
-    fig, axes = plt.subplots(1, 2, figsize=(12, min(12.0, 6.0 * ratio + 2.0)))
+    fig, axes = plt.subplots(1, 2, figsize=(12, min(12.0, 6.0 * ratio + 1.3)))
     names = {v: k for k, v in LABELS.items()}
     for ax, side in zip(axes, SIDES):
         hip = hips.get(side) or {}

@@ -133,7 +133,8 @@ def predict_logits(net, array: np.ndarray, meta: dict, device, bf16: bool | None
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         mode = inf.get("mode", "auto")
         whole = mode == "whole" or np.all(roi >= padded) or (
-            mode == "auto" and int(np.prod(padded)) <= int(inf.get("max_whole_voxels", 4_500_000)))
+            mode == "auto" and int(np.prod(padded)) <= int(
+                inf.get("max_whole_voxels", 8_000_000) if bf16 else inf.get("max_whole_voxels_fp32", 4_500_000)))
         if whole:
             out = net(x)
         else:

@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from data_scripts.phantoms.anatomy import (build_anatomy, draw_params, goutallier_grade, posed_bones,
-                                           _region_patch)
+from data_scripts.phantoms.anatomy import _quick_gap, build_anatomy, draw_params, goutallier_grade, posed_bones
 from data_scripts.phantoms.atlas import fit_sphere, load_atlas, sample_bones
 from data_scripts.phantoms.model import TISSUES
-from data_scripts.phantoms.truth import surface_distance
+from data_scripts.phantoms.truth import axial_distance, region_surface, surface_distance
 from pipeline.config import MeasureConfig
 from pipeline.labels import LABELS
 
@@ -50,7 +49,8 @@ def test_pose_moves_ifs_in_the_published_directions():
         from data_scripts.phantoms.anatomy import _regions
         b = sample_bones(np.random.default_rng(0), weights=w, pose={"left": pose}, tilt_deg=0.0)
         reg = _regions(b)["left"]
-        return surface_distance(_region_patch(b.pelvis, reg["it"]), _region_patch(b.femur["left"], reg["lt"]))[0]
+        return surface_distance(region_surface(b.pelvis, reg["it"], max_edge=1.0),
+                                region_surface(b.femur["left"], reg["lt"], max_edge=1.0))[0]
 
     neutral = ifs({})
     assert 12 < neutral < 30
@@ -101,8 +101,16 @@ def test_contents_sides_and_truth_consistency(anatomy):
         for name in ("ischial_tuberosity", "lesser_trochanter"):
             ijk = np.argwhere((a.labels == LABELS[name]) & half[:, None, None])
             pts[name] = ijk @ a.affine[:3, :3].T + a.affine[:3, 3]
-        d_vox = cKDTree(pts["ischial_tuberosity"]).query(pts["lesser_trochanter"])[0].min()
-        assert abs(d_vox - hip["ifs_3d_mm"]) < 1.5 * np.linalg.norm(a.spacing)
+        # voxel centres lie inside the truth solids: never closer than the truth, at most a voxel
+        # diagonal farther (3D), an in-plane diagonal in each slice (axial)
+        it_v, lt_v = pts["ischial_tuberosity"], pts["lesser_trochanter"]
+        d_vox = cKDTree(it_v).query(lt_v)[0].min()
+        assert hip["ifs_3d_mm"] - 0.05 <= d_vox <= hip["ifs_3d_mm"] + np.linalg.norm(a.spacing)
+        zs = np.intersect1d(it_v[:, 2], lt_v[:, 2])
+        ax = axial_distance(a.surfaces[(side, "ischial_tuberosity")], [a.surfaces[(side, "lesser_trochanter")]],
+                            [0, 0, 1], zs)[0]
+        per_slice = min(cKDTree(lt_v[lt_v[:, 2] == z]).query(it_v[it_v[:, 2] == z])[0].min() for z in zs)
+        assert ax - 0.05 <= per_slice <= ax + np.linalg.norm(a.spacing[:2])
         # the truth end points sit next to voxels of the right label
         for q, name in zip(p, ("ischial_tuberosity", "lesser_trochanter")):
             assert cKDTree(pts[name]).query(q)[0] < np.linalg.norm(a.spacing)
@@ -148,8 +156,8 @@ def test_ifs_distribution_spans_normal_and_narrow():
         p = draw_params(rng)
         b, reg = posed_bones(p)
         for s in ("left", "right"):
-            vals.append(surface_distance(_region_patch(b.pelvis, reg[s]["it"]),
-                                         _region_patch(b.femur[s], reg[s]["lt"]))[0])
+            # nearest bone-vertex gap: within ~1-2 mm of the IFS, plenty for a distribution check
+            vals.append(_quick_gap(b, reg, s))
     v = np.asarray(vals)
     assert v.min() > 2.0 and v.max() < 55.0
     assert 0.15 <= (v <= 15).mean() <= 0.6

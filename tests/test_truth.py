@@ -5,8 +5,13 @@ import numpy as np
 import pytest
 
 from data_scripts.phantoms.model import Surface
+from scipy.spatial import cKDTree
+
+from data_scripts.phantoms.anatomy import draw_params, posed_bones
+from data_scripts.phantoms.raster import rasterize
 from data_scripts.phantoms.truth import (axial_distance, axial_truth, closest_points_segments,
-                                         plane_section, surface_distance)
+                                         plane_section, points_inside_mesh, region_surface,
+                                         surface_distance)
 
 
 def box(lo, hi, rot=None) -> Surface:
@@ -120,3 +125,49 @@ def test_axial_distance_never_below_3d_and_picks_narrowest_slice():
     assert out["ifs_axial_mm"] == pytest.approx(d_ax)
     assert out["ifs_axial_slice"] == k
     assert out["qfs_axial_mm"] == pytest.approx(0.0, abs=1e-9)  # hamstring == LT surface here
+
+
+def _region_voxels(bone, region, sp):
+    """Centres of the voxels labelled by the generator's rule (centre inside bone and region) on
+    the lattice k * sp (world mm)."""
+    lo = region.centre - region.radius
+    hi = np.minimum(region.centre + region.radius, [np.inf, region.y_max, region.z_max])
+    origin = np.floor(lo / sp) * sp
+    shape = np.floor((hi - origin) / sp).astype(int) + 1
+    inside = rasterize(bone.vertices, bone.faces, origin, [sp] * 3, shape)
+    pts = np.argwhere(inside) * sp + origin
+    return pts[region.contains_points(pts)]
+
+
+def test_points_inside_mesh_matches_rasterisation():
+    s = icosphere([1.13, 2.07, 3.31], 10.0, subdiv=3)  # no vertex exactly on a voxel centre
+    pts = np.random.default_rng(0).uniform(-12, 14, (4000, 3))
+    origin, sp = np.array([-12.0, -12.0, -12.0]), 0.5
+    grid = rasterize(s.vertices, s.faces, origin, [sp] * 3, (53, 53, 53))
+    ijk = np.argwhere(grid | ~grid)[::7]
+    centres = ijk * sp + origin
+    assert np.array_equal(points_inside_mesh(s.vertices, s.faces, centres), grid[tuple(ijk.T)])
+    assert np.array_equal(points_inside_mesh(s.vertices, s.faces, centres, up=True), grid[tuple(ijk.T)])
+    assert points_inside_mesh(s.vertices, s.faces, pts).mean() > 0.1
+
+
+@pytest.mark.parametrize("seed", [3, 8])
+def test_region_surfaces_agree_with_labelled_voxels(seed):
+    """IT / LT truth surfaces bound exactly the voxels the generator labels: voxel centres lie in
+    the solids, so their distances are never below the truth, and at most a voxel diagonal above."""
+    b, reg = posed_bones(draw_params(np.random.default_rng(seed)))
+    sp = 0.5
+    side = "left" if seed % 2 else "right"
+    it_s = region_surface(b.pelvis, reg[side]["it"])
+    lt_s = region_surface(b.femur[side], reg[side]["lt"])
+    it_v = _region_voxels(b.pelvis, reg[side]["it"], sp)
+    lt_v = _region_voxels(b.femur[side], reg[side]["lt"], sp)
+    truth = surface_distance(it_s, lt_s)[0]
+    d_vox = cKDTree(lt_v).query(it_v)[0].min()
+    assert truth - 0.05 <= d_vox <= truth + np.sqrt(3) * sp
+    # axial: contour distance on the slice planes through the voxel centres vs in-slice voxel pairs
+    zs = np.intersect1d(np.round(it_v[:, 2] / sp), np.round(lt_v[:, 2] / sp)) * sp
+    ax = axial_distance(it_s, [lt_s], [0, 0, 1], zs)[0]
+    per_slice = min(cKDTree(lt_v[np.isclose(lt_v[:, 2], z)]).query(it_v[np.isclose(it_v[:, 2], z)])[0].min()
+                    for z in zs)
+    assert ax - 0.05 <= per_slice <= ax + np.sqrt(2) * sp

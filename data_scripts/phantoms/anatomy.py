@@ -15,10 +15,10 @@ Region definitions (``Region``; one definition for labels and truth):
 * ``ischial_tuberosity`` = pelvis solid within ``IT_RADIUS`` mm of a point 12 mm above the IT
   landmark (the inferior apex), no higher than ``IT_HEIGHT`` (35) mm above the apex and no more
   than ``IT_ANTERIOR`` mm anterior to it (excludes the ischiopubic ramus); rest ``pelvis``.
-* Truth surfaces of IT / LT: the bone-mesh triangles whose three vertices lie inside the region,
-  closed by a fan cap over each boundary loop. The measured end points lie on the real bone
-  surface (the same mesh the voxels were rasterised from), so the voxel labels agree with the
-  truth to the rasterisation accuracy (half a voxel). Soft-tissue truth surfaces (hamstring and
+* Truth surfaces of IT / LT: the boundary of (bone solid ∩ region) (``truth.region_surface``):
+  the bone-mesh surface inside the region, clipped at the region boundary to 0.2 mm, plus the
+  region's sphere / plane caps inside the bone. The voxel labels are exactly "voxel centre inside
+  the bone mesh and inside the region", so labels and truth agree to the rasterisation accuracy. Soft-tissue truth surfaces (hamstring and
   iliopsoas tendons, quadratus femoris) are marching-cubes surfaces (level 0.5) of their final
   fine-grid label masks, i.e. exactly the labels.
 """
@@ -32,13 +32,13 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from skimage.measure import marching_cubes
 
-from pipeline.config import MeasureConfig
+from pipeline.config import goutallier_grade
 from pipeline.labels import LABELS
 
 from .atlas import SIDES, Bones, sample_bones
 from .model import TISSUES, Anatomy, Surface
 from .raster import rasterize, vertex_normals
-from .truth import surface_distance
+from .truth import region_surface, surface_distance
 
 LT_RADIUS = 11.0
 IT_RADIUS = 35.0
@@ -83,12 +83,6 @@ STRUCTS: dict[str, tuple[int, int, float]] = {
 SID = {name: i for i, name in enumerate(STRUCTS)}
 # muscles get individual ids from MUSCLE_ID0 upward so that fat planes can separate them
 MUSCLE_ID0 = 64
-
-
-def goutallier_grade(ff: float, bounds=None) -> int:
-    """Goutallier grade 0-4 from a mean fat fraction (bounds: ``MeasureConfig.goutallier_ff_bounds``)."""
-    bounds = MeasureConfig().goutallier_ff_bounds if bounds is None else bounds
-    return int(np.searchsorted(np.asarray(bounds, float), ff, side="right"))
 
 
 # --------------------------------------------------------------------------- parameters
@@ -304,43 +298,6 @@ class Painter:
 
 # --------------------------------------------------------------------------- regions / surfaces
 
-def _region_patch(surf: Surface, region: Region) -> Surface:
-    """Triangles of surf with all three vertices inside the region, closed by fan caps."""
-    inside = region.contains_points(surf.vertices)
-    faces = surf.faces[inside[surf.faces].all(1)]
-    used = np.unique(faces)
-    remap = -np.ones(len(surf.vertices), dtype=np.int64)
-    remap[used] = np.arange(len(used))
-    verts = surf.vertices[used]
-    faces = remap[faces]
-    # boundary edges (used by one face) -> loops -> fan caps (orientation follows the patch)
-    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    key = np.sort(e, axis=1)
-    _, inv, cnt = np.unique(key, axis=0, return_inverse=True, return_counts=True)
-    bnd = e[cnt[inv.ravel()] == 1]
-    nxt = {int(a): int(b) for a, b in bnd}
-    caps, extra = [], []
-    seen = set()
-    for start in list(nxt):
-        if start in seen:
-            continue
-        loop, cur = [], start
-        while cur not in seen and cur in nxt:
-            seen.add(cur)
-            loop.append(cur)
-            cur = nxt[cur]
-        if len(loop) < 3:
-            continue
-        centre_i = len(verts) + len(extra)
-        extra.append(verts[loop].mean(0))
-        for a, b in zip(loop, loop[1:] + loop[:1]):
-            caps.append([b, a, centre_i])  # reversed boundary direction closes the patch
-    if extra:
-        verts = np.vstack([verts, np.asarray(extra)])
-        faces = np.vstack([faces, np.asarray(caps, dtype=np.int64)])
-    return Surface(verts.astype(np.float64), faces.astype(np.int64))
-
-
 def _mask_surface(mask: np.ndarray, sl, grid: Grid) -> Surface | None:
     """Marching-cubes surface (level 0.5) of a crop mask in world coordinates."""
     if mask.sum() < 8:
@@ -452,8 +409,8 @@ def build_anatomy(rng: np.random.Generator, *, fov: str = "bilateral", fine_spac
     tex = np.random.default_rng(p["seed_texture"])
     vox_ml = float(np.prod(spacing)) / 1000.0
     for s in SIDES:
-        surfaces[(s, "ischial_tuberosity")] = _region_patch(bones.pelvis, regions[s]["it"])
-        surfaces[(s, "lesser_trochanter")] = _region_patch(bones.femur[s], regions[s]["lt"])
+        surfaces[(s, "ischial_tuberosity")] = region_surface(bones.pelvis, regions[s]["it"])
+        surfaces[(s, "lesser_trochanter")] = region_surface(bones.femur[s], regions[s]["lt"])
     boxes = _label_boxes(labels, grid)
     for s in sides:
         for name in ("hamstring_tendon", "iliopsoas_tendon", "quadratus_femoris"):
