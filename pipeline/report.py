@@ -31,10 +31,10 @@ HIP_COLUMNS = (
     "qf_edema_grade", "qf_edema_signal_ratio", "qf_edema_fraction_above_reference",
     "qf_fat_fraction", "qf_goutallier_grade",
 )
-STRUCTURE_COLOURS = {
-    "quadratus_femoris": "#ff4040", "lesser_trochanter": "#ffd000", "ischial_tuberosity": "#40ff40",
-    "hamstring_tendon": "#00e0ff", "iliopsoas_tendon": "#ff80ff", "femur": "#ffa040",
-    "pelvis": "#80ff80", "gluteus_maximus": "#a0a0ff",
+STRUCTURE_COLOURS = {  # distinct hues; yellow and cyan are kept for the IFS and QFS lines
+    "quadratus_femoris": "#ff3030", "lesser_trochanter": "#ff00ff", "ischial_tuberosity": "#00ff00",
+    "hamstring_tendon": "#3080ff", "iliopsoas_tendon": "#ff9900", "femur": "#b07040",
+    "pelvis": "#90a020", "gluteus_maximus": "#b0b0ff",
 }
 
 
