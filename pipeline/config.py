@@ -21,6 +21,8 @@ SOURCES = {
                         "2 fat < muscle, 3 fat = muscle, 4 fat > muscle",
     "dixon_muscle_ff": "Proton-density fat fraction of healthy adult gluteal / thigh muscle ~2-5 % "
                        "(chemical-shift MRI literature); subcutaneous adipose tissue ~90-95 %",
+    "proton_density": "Relative MR-visible proton density, adipose tissue ~0.9-1.0 vs skeletal muscle "
+                      "~0.75-0.8 (tissue water/fat content; standard MR physics tables)",
     "ifi_seg_design": "ifi-seg design choice (no published value); see the comment at the field",
 }
 
@@ -62,6 +64,11 @@ class MeasureConfig:
     t1_reference_muscle_ff: float = 0.03
     t1_subcutaneous_fat_ff: float = 0.93
     t1_calibration_source: str = "dixon_muscle_ff"
+    # Fatty infiltration replaces muscle by adipose tissue, whose MR-visible proton density is
+    # higher (relative PD ~0.9-1.0 vs ~0.75-0.8 for muscle), so T1 signal rises faster than
+    # linearly with the fat fraction; the T1 estimate inverts that (1.0: the linear mapping).
+    t1_adipose_muscle_pd_ratio: float = 1.2
+    t1_pd_source: str = "proton_density"
     # Statistics are taken inside the structures eroded by one in-plane voxel (partial volume
     # with the neighbouring fat / fluid), unless that leaves fewer than this many voxels.
     min_signal_voxels: int = 30

@@ -50,19 +50,6 @@ def erode_inplane(mask: Mask, affine: np.ndarray, min_voxels: int, depth_mm: flo
     return mask
 
 
-def _erode_through_plane(mask: Mask, affine: np.ndarray, min_voxels: int) -> Mask:
-    """Drop voxels on the structure's first/last slice at each point (an image on other slices
-    would straddle its upper or lower end), unless too little would remain."""
-    ax = slice_axis(affine)
-    st = np.zeros((3, 3, 3), bool)
-    idx = [1, 1, 1]
-    for k in (0, 1, 2):
-        idx[ax] = k
-        st[tuple(idx)] = True
-    er = ndimage.binary_erosion(np.pad(mask.array, 1), st)[1:-1, 1:-1, 1:-1]
-    return Mask(mask.offset, er) if er.sum() >= max(min_voxels, 0.25 * mask.count) else mask
-
-
 def local_part(mask: Mask | None, label_affine: np.ndarray, centre: np.ndarray,
                radius_mm: float) -> Mask | None:
     """The part of a (large) mask inside the box of half-size ``radius_mm`` around a world point:
@@ -202,8 +189,8 @@ def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
               cfg: MeasureConfig, reference: Mask | None = None) -> dict:
     """Mean fat fraction fat / (fat + water) over the QF from magnitude Dixon images.
 
-    Only Dixon voxels lying wholly inside the QF count (the mask is eroded by half a Dixon
-    voxel). The magnitude noise floor, which lifts the small fat signal of lean muscle, is
+    Dixon voxels lying wholly inside the QF in-plane count (the mask is eroded in-plane by half
+    a Dixon voxel). The magnitude noise floor, which lifts the small fat signal of lean muscle, is
     removed per voxel (sqrt(M^2 - sigma^2)); sigma comes from neighbour differences of the
     water image inside the reference muscle (water and fat share one acquisition's noise).
     """
@@ -211,8 +198,10 @@ def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
 
     if fat.shape != water.shape or not np.allclose(fat.affine, water.affine, atol=1e-3):
         water = resample_like(water, fat, order=1)
+    # in-plane erosion only: also dropping the QF's first / last label slices (partial volume
+    # at its ends) samples a heterogeneous muscle (fat streaks vary along it) so unevenly that
+    # it costs more than it saves (phantom cohort: fat-fraction MAE 0.066 with, 0.02 without)
     m = erode_inplane(qf, label_affine, cfg.min_signal_voxels, image_depth_mm(fat))
-    m = _erode_through_plane(m, label_affine, cfg.min_signal_voxels)
     f = sample_in_mask(fat, m, label_affine)
     w = sample_in_mask(water, m, label_affine)
     sigma = None
@@ -250,7 +239,32 @@ def fat_t1(t1: Image, qf: Mask, reference: Mask | None, subcut: Mask | None,
     if s_f - s_m <= 0.05 * max(abs(s_f), 1e-12):
         return {"fat_fraction": None, "method": "t1_calibrated",
                 "reason": "fat is not brighter than muscle on this T1 image (not a T1?)"}
-    fm, ffat = cfg.t1_reference_muscle_ff, cfg.t1_subcutaneous_fat_ff
-    ff = fm + (float(np.mean(q)) - s_m) / (s_f - s_m) * (ffat - fm)
-    return {"fat_fraction": float(np.clip(ff, 0.0, 1.0)), "method": "t1_calibrated",
+    ff = t1_fat_fraction(q, s_m, s_f, cfg.t1_reference_muscle_ff, cfg.t1_subcutaneous_fat_ff,
+                         cfg.t1_adipose_muscle_pd_ratio)
+    return {"fat_fraction": float(np.clip(np.mean(ff), 0.0, 1.0)), "method": "t1_calibrated",
             "n_voxels": int(q.size), "reason": None}
+
+
+def t1_fat_fraction(signal_values, s_muscle: float, s_fat: float, ff_muscle: float,
+                    ff_fat: float, pd_ratio: float = 1.0) -> np.ndarray:
+    """Fat fraction of each T1 signal value, calibrated on reference muscle and fat.
+
+    Model: a voxel of fat fraction ff holds water and fat protons in the ratio (1 - ff) : ff, so
+    its signal is P(ff) (1 + k ff) times a constant, k the fat-over-water weighting contrast;
+    its proton density P rises linearly from muscle's to adipose tissue's (``pd_ratio`` times
+    muscle's, at ``ff_fat``) as fat replaces muscle. The two references fix the constant and k;
+    each value is then inverted (a quadratic). ``pd_ratio`` = 1 gives the linear mapping.
+    Values are not clipped (noise averages out in the mean).
+    """
+    s = np.asarray(signal_values, dtype=np.float64)
+    c = (pd_ratio - 1.0) / ff_fat
+    p_m = 1.0 + c * ff_muscle
+    rho = s_fat / s_muscle * p_m / pd_ratio
+    k = (rho - 1.0) / (ff_fat - rho * ff_muscle)
+    a = s_muscle / (p_m * (1.0 + k * ff_muscle))
+    y = s / a
+    if abs(c * k) < 1e-9:   # linear
+        return (y - 1.0) / (c + k)
+    # c k ff^2 + (c + k) ff + 1 - y = 0, the root continuous with the linear case
+    disc = np.maximum((c + k) ** 2 - 4.0 * c * k * (1.0 - y), 0.0)
+    return (-(c + k) + np.sqrt(disc)) / (2.0 * c * k)

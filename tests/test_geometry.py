@@ -91,3 +91,26 @@ def test_touching_structures_give_zero():
     b[20:35, 5:30, 2:8] = True
     d3, dax = geometry.distances(a, b, aff)
     assert d3.mm < 0.05 and dax.mm < 0.05
+
+
+@pytest.mark.parametrize("z_shift", [0.0, 1.0, 2.0, 3.0])
+def test_structure_ends_between_thick_slices_are_rounded_in_place(z_shift):
+    """A sphere sampled by 4 mm slices: its reconstructed surface stays on the sphere near the
+    poles, where the structure ends between slices (an earlier end model, extending a structure
+    nearly to the next empty slice, put the poles up to 2 mm too far out)."""
+    h, t, r = 0.7, 4.0, 9.0
+    centre = np.array([0.3, 0.2, z_shift])
+    shape = (58, 58, 10)
+    aff = np.diag([h, h, t, 1.0])
+    aff[:3, 3] = -20.0
+    w = world_grid(shape, aff)
+    m = np.linalg.norm(w - centre, axis=-1) <= r
+    st = geometry._make_stack([m, m], aff)
+    sdf = geometry.slice_sdf(st.masks[0], st.spacing)
+    v, _ = geometry._mesh(sdf, int(np.ceil(t / h)), st, st.masks[0].any(axis=(0, 1)))
+    rel = v - centre
+    err = np.linalg.norm(rel, axis=1) - r
+    polar = np.abs(rel[:, 2]) > 0.75 * r
+    assert np.abs(err[polar]).max() < 0.6
+    assert abs(err[polar].mean()) < 0.25
+    assert np.abs(err).max() < 0.8

@@ -33,18 +33,39 @@ def test_dixon_fat_fraction_exact_on_other_grid():
     assert cfg.goutallier_grade(out["fat_fraction"]) == 2
 
 
-def test_t1_calibration_linear_in_fat_fraction():
-    cfg = MeasureConfig()
+def _t1_signal(ff, pd_ratio, ff_fat, w_water=0.25, w_fat=0.76):
+    """Spin-echo T1 signal of a muscle voxel whose fat fraction ff comes with adipose tissue's
+    higher proton density (the physics the estimator models)."""
+    pd = 1.0 + (pd_ratio - 1.0) * ff / ff_fat
+    return 1000.0 * pd * ((1 - ff) * w_water + ff * w_fat)
+
+
+@pytest.mark.parametrize("pd_ratio", [1.0, 1.2])
+def test_t1_calibration_inverts_the_signal_model(pd_ratio):
+    cfg = MeasureConfig(t1_adipose_muscle_pd_ratio=pd_ratio)
     fm, ff = cfg.t1_reference_muscle_ff, cfg.t1_subcutaneous_fat_ff
-    s_m, s_f = 300.0, 1200.0
-    target = 0.25
+    s_m, s_f = _t1_signal(fm, pd_ratio, ff), _t1_signal(ff, pd_ratio, ff)
+    for target in (0.03, 0.12, 0.25, 0.5):
+        t1 = np.zeros((60, 60, 12), np.float32)
+        t1[REF.array] = s_m
+        t1[FAT.array] = s_f
+        t1[QF.array] = _t1_signal(target, pd_ratio, ff)
+        out = signal.fat_t1(Image(t1, AFF), QF, REF, FAT, AFF, cfg)
+        assert out["fat_fraction"] == pytest.approx(target, abs=1e-4)
+    # with pd_ratio 1 the mapping is linear between the references
+    lin = signal.t1_fat_fraction(np.array([s_m, 0.5 * (s_m + s_f), s_f]), s_m, s_f, fm, ff, 1.0)
+    assert lin == pytest.approx([fm, 0.5 * (fm + ff), ff], abs=1e-9)
+    # ignoring the proton-density rise would underestimate a fatty muscle
+    if pd_ratio > 1:
+        s_q = _t1_signal(0.3, pd_ratio, ff)
+        assert signal.t1_fat_fraction(np.array([s_q]), s_m, s_f, fm, ff, 1.0)[0] < 0.28
+
+
+def test_t1_refuses_an_image_where_fat_is_not_bright():
+    cfg = MeasureConfig()
     t1 = np.zeros((60, 60, 12), np.float32)
-    t1[REF.array] = s_m
-    t1[FAT.array] = s_f
-    t1[QF.array] = s_m + (target - fm) / (ff - fm) * (s_f - s_m)
-    out = signal.fat_t1(Image(t1, AFF), QF, REF, FAT, AFF, cfg)
-    assert out["fat_fraction"] == pytest.approx(target, abs=1e-4)
-    # a 'T1' where fat is darker than muscle is refused with a reason, not a number
+    t1[REF.array] = 300.0
+    t1[QF.array] = 400.0
     t1[FAT.array] = 100.0
     out = signal.fat_t1(Image(t1, AFF), QF, REF, FAT, AFF, cfg)
     assert out["fat_fraction"] is None and "not brighter" in out["reason"]
