@@ -309,7 +309,8 @@ def run_cohort(manifest, out_dir, *, workers: int = 1, engine: str = "local", ra
     """
     from pipeline.api import input_hashes, model_identity, normalise_inputs
     from pipeline.config import MeasureConfig
-    from pipeline.report import (read_measurements, to_jsonable, write_cohort_csv, write_errors_csv,
+    from pipeline.jsonable import to_jsonable
+    from pipeline.report import (read_measurements, write_cohort_csv, write_errors_csv,
                                  write_report_html)
 
     if engine not in ("local", "ray"):

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.jsonable import to_jsonable
+
 from . import geometry, pose, signal
 from .config import DISCLAIMER, MeasureConfig, load_config
 from .image import Image, ImageError, load_nifti
@@ -243,25 +245,9 @@ def measure_hips(labels: Image, images: dict | None = None, label_table: dict | 
         od = o["pose"].get("lt_direction_deg") if o["present"] else None
         if d is not None and od is not None:
             hips[side]["pose"]["lt_direction_minus_contralateral_deg"] = d - od
-    return _jsonable({"frame": FRAME, "config": cfg.to_dict(), "disclaimer": DISCLAIMER,
+    return to_jsonable({"frame": FRAME, "config": cfg.to_dict(), "disclaimer": DISCLAIMER,
                       "sides": {"mode": sa.mode, "method": sa.method, "midplane": sa.midplane},
                       "hips": hips})
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.floating, float)):
-        return None if not np.isfinite(x) else float(x)
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
 
 
 def _fluid_kind(path: str, given: str | None) -> str:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.jsonable import to_jsonable
+
 from pipeline.image import Image, atomic_write, reorient_to_ras, save_nifti
 from pipeline.labels import LABELS, write_label_table
 
@@ -41,24 +43,6 @@ STRUCTURE_COLOURS = {  # distinct hues; yellow and cyan are kept for the IFS and
 # ----------------------------------------------------------------------------------------------
 # JSON
 # ----------------------------------------------------------------------------------------------
-def to_jsonable(obj):
-    """Recursively convert numpy types to Python, NaN/Inf to None (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, (np.bool_, bool)):
-        return bool(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def write_json(path, data) -> None:
