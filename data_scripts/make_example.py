@@ -6,7 +6,7 @@ still a realistic pelvis protocol), the label map is reduced on the same blocks 
 so it lies exactly on the example T1's grid. World coordinates are unchanged, so ``truth.json``
 (world mm) still applies.
 
-    python data_scripts/make_example.py [--out data_scripts/example] [--seed 7]
+    python data_scripts/make_example.py [--out data_scripts/example] [--seed 4]
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def reduce_labels(labels: np.ndarray, factor: int = FACTOR) -> np.ndarray:
     return counts.argmax(axis=-1).astype(np.uint8)
 
 
-def make_example(out_dir, seed: int = 7, index: int = 0) -> Path:
+def make_example(out_dir, seed: int = 4, index: int = 0) -> Path:
     """Generate the phantom and write the reduced example into ``out_dir``; return it."""
     import nibabel as nib
 
@@ -94,7 +94,7 @@ def make_example(out_dir, seed: int = 7, index: int = 0) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "example"))
-    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--seed", type=int, default=4)
     args = ap.parse_args(argv)
     out = make_example(args.out, args.seed)
     size = sum(p.stat().st_size for p in out.iterdir())
