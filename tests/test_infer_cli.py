@@ -98,6 +98,12 @@ def test_demo(tmp_path):
     assert infer.main(["--demo", "--out", str(tmp_path / "demo"), "--quiet", "--device", "cpu"]) == 0
     rec = json.loads((tmp_path / "demo" / "measurements.json").read_text())
     assert rec["subject"] == "example" and set(rec["hips"]) == {"left", "right"}
+    # end to end with the bundled network: the example's left hip is the narrowed one (truth.json);
+    # a side swap or a broken model would show here
+    truth = json.loads((REPO / "data_scripts" / "example" / "truth.json").read_text())["hips"]
+    for side in ("left", "right"):
+        assert abs(rec["hips"][side]["ifs_mm"] - truth[side]["ifs_3d_mm"]) < 3.0, side
+    assert rec["hips"]["left"]["ifs_mm"] < rec["hips"]["right"]["ifs_mm"]
 
 
 def _cohort(root: Path, n: int) -> Path:
