@@ -213,4 +213,8 @@ def _demo_inputs(ap) -> tuple[dict, str | None]:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from pipeline.runtime import reexec_with_tcmalloc
+
+    reexec_with_tcmalloc(__file__, sys.argv[1:])
     sys.exit(main())

@@ -16,21 +16,8 @@ times slower (see docs / shared notes). ``--no-tcmalloc`` disables this.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-
-TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
-
-
-def _maybe_reexec_with_tcmalloc(argv: list[str]) -> None:
-    if "--no-tcmalloc" in argv or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
-        return
-    if sys.platform.startswith("linux") and Path(TCMALLOC).exists():
-        env = dict(os.environ)
-        env["LD_PRELOAD"] = (TCMALLOC + " " + env.get("LD_PRELOAD", "")).strip()
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
-
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line options (see module docstring)."""
@@ -63,7 +50,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     argv = sys.argv[1:] if argv is None else argv
-    _maybe_reexec_with_tcmalloc(argv)
     a = parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from pipeline.training import TrainConfig, run_training
@@ -80,4 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from pipeline.runtime import reexec_with_tcmalloc
+
+    reexec_with_tcmalloc(__file__, sys.argv[1:])
     sys.exit(main())

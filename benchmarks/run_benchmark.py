@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+from pipeline.runtime import TCMALLOC  # noqa: E402
 MIN_TEST_SEED = 90000
 VOLUME_SHAPE = (320, 320, 40)
 VOLUME_SPACING = (1.2, 1.2, 4.0)
