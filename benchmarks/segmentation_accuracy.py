@@ -172,9 +172,13 @@ def summarise(rows: list[dict]) -> str:
         for key in ("edema_grade", "goutallier"):
             pairs = [(r[key], r[f"{key.split('_')[0]}_truth"]) for r in sd
                      if r.get(f"{key.split('_')[0]}_truth") is not None]
-            if pairs:
-                agree = np.mean([str(a) == str(b) for a, b in pairs])
-                lines.append(f"  {key} agreement {agree:.2f} (n={len(pairs)})")
+            graded = [(a, b) for a, b in pairs if a is not None]
+            if graded:
+                agree = np.mean([str(a) == str(b) for a, b in graded])
+                lines.append(f"  {key} agreement {agree:.2f} (n={len(graded)}, not gradable "
+                             f"{len(pairs) - len(graded)})")
+            elif pairs:  # e.g. edema without a fluid series: reported as null, by design
+                lines.append(f"  {key}: not gradable with these inputs (n={len(pairs)})")
         secs = [r["seconds"] for r in rs if r["seconds"]]
         if secs:
             lines.append(f"  seconds per scan: median {np.median(secs):.1f}")

@@ -335,7 +335,7 @@ def run_subject(inputs: dict, out_dir, *, model=None, config=None, subject=None,
     seg_source = reference if write_dicom_seg and reference.meta.get("format") == "dicom" else None
     if write_dicom_seg and seg_source is None:
         warnings.append("DICOM SEG not written: the reference input is not DICOM")
-    timings["total_s"] = time.perf_counter() - t_start   # up to writing the outputs
+    timings["total_s"] = time.perf_counter() - t_start   # report_s is added when the outputs are written
     try:
         from pipeline.report import write_subject_outputs
 

@@ -70,6 +70,9 @@ def write_subject_outputs(out_dir, record: dict, labels: Image, display: Image |
     shape. ``display`` (T1, else fluid) is the QC background. With ``dicom_seg_source`` (a DICOM
     reference image) a DICOM SEG is written too.
     """
+    import time
+
+    t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = out_dir / "measurements.json"
@@ -89,6 +92,11 @@ def write_subject_outputs(out_dir, record: dict, labels: Image, display: Image |
         written["dicom_seg"] = out_dir / "labels.seg.dcm"
     record.setdefault("outputs", {}).update({k: p.name for k, p in written.items()})
     record["outputs"]["measurements"] = done.name
+    timings = record.get("provenance", {}).get("timings")
+    if isinstance(timings, dict):   # the files above; measurements.json itself is tiny
+        timings["report_s"] = time.perf_counter() - t0
+        if "total_s" in timings:
+            timings["total_s"] += timings["report_s"]
     write_json(done, record)
     written["measurements"] = done
     return written
