@@ -193,6 +193,18 @@ def _label_pair(folder: Path) -> tuple[Path, Path | None] | None:
     return lab, (table if table.exists() else None)
 
 
+def _subject_jsons(files, notes: list):
+    """Yield (path, subject, parsed JSON) for ``<subject>/<name>.json`` files; unreadable ones are
+    noted and skipped."""
+    for f in files:
+        try:
+            data = json.loads(Path(f).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            notes.append(f"{f}: unreadable ({exc}); subject skipped")
+            continue
+        yield f, Path(f).parent.name, data
+
+
 def read_results(results: str | Path) -> HipTable:
     """Read the pipeline's output folder (per-subject measurements.json, else cohort.csv)."""
     root = Path(results)
@@ -200,13 +212,7 @@ def read_results(results: str | Path) -> HipTable:
         raise FileNotFoundError(f"results folder not found: {root}")
     out = HipTable("results")
     files = sorted(root.glob("*/measurements.json"))
-    for f in files:
-        subject = f.parent.name
-        try:
-            data = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            out.notes.append(f"{f}: unreadable ({exc}); subject skipped")
-            continue
+    for f, subject, data in _subject_jsons(files, out.notes):
         for side, hip in (data.get("hips") or {}).items():
             side = norm_side(side)
             # a hip the tool reports as not present (outside the field of view) is a missing hip
@@ -289,13 +295,7 @@ def read_reference(ref: str | Path, cfg: MeasureConfig, measure_labels: bool = T
     if kind == "csv":
         out.records = read_measurement_csv(p, out.notes)
     elif kind == "cohort":
-        for f in sorted(p.glob("*/truth.json")):
-            subject = f.parent.name
-            try:
-                data = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                out.notes.append(f"{f}: unreadable ({exc}); subject skipped")
-                continue
+        for f, subject, data in _subject_jsons(sorted(p.glob("*/truth.json")), out.notes):
             for side, hip in (data.get("hips") or {}).items():
                 side = norm_side(side)
                 if side and isinstance(hip, dict):
