@@ -10,6 +10,8 @@ raises ``SubjectError`` naming the stage and giving a one-line reason.
 """
 from __future__ import annotations
 
+import contextlib
+
 import datetime as _dt
 import platform
 import re
@@ -284,12 +286,8 @@ def run_subject(inputs: dict, out_dir, *, model=None, config=None, subject=None,
 
         if model is None:
             model = load_model_or_fail(model_path, device)
-        try:
+        with _stage_errors("segment"):
             seg = segment(images, model, reference=ref_role)
-        except ImageError as exc:
-            raise SubjectError("segment", str(exc)) from exc
-        except Exception as exc:
-            raise SubjectError("segment", f"{type(exc).__name__}: {exc}") from exc
         labels = seg.labels
         if labels.shape != reference.shape or not np.allclose(labels.affine, reference.affine, atol=1e-4):
             raise SubjectError("segment", "segmentation is not on the reference grid (internal error)")
@@ -305,12 +303,8 @@ def run_subject(inputs: dict, out_dir, *, model=None, config=None, subject=None,
     from pipeline.measure import measure_hips
 
     t0 = time.perf_counter()
-    try:
+    with _stage_errors("measure"):
         result = measure_hips(labels, images, config=config)
-    except ImageError as exc:
-        raise SubjectError("measure", str(exc)) from exc
-    except Exception as exc:
-        raise SubjectError("measure", f"{type(exc).__name__}: {exc}") from exc
     timings["measure_s"] = time.perf_counter() - t0
 
     inputs_desc = {role: _input_description(role, inputs[role], img, hashes.get(role))
@@ -344,6 +338,19 @@ def run_subject(inputs: dict, out_dir, *, model=None, config=None, subject=None,
         raise SubjectError("write", f"{type(exc).__name__}: {exc}") from exc
     return record
 
+
+
+@contextlib.contextmanager
+def _stage_errors(stage: str):
+    """Turn any failure inside a pipeline stage into a one-line ``SubjectError(stage, ...)``."""
+    try:
+        yield
+    except SubjectError:
+        raise
+    except ImageError as exc:
+        raise SubjectError(stage, str(exc)) from exc
+    except Exception as exc:
+        raise SubjectError(stage, f"{type(exc).__name__}: {exc}") from exc
 
 def load_model_or_fail(model_path=None, device: str = "auto"):
     """``pipeline.segment.load_model`` with a one-line ``SubjectError('model', ...)`` on failure."""
