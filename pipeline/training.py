@@ -128,8 +128,19 @@ def preprocess_subject(rec: dict, meta: dict) -> dict:
     return {"image": inp.array.astype(np.float16), "label": labels_to_grid(lab, inp.grid)[None]}
 
 
-class LoadCachedSubjectd:
-    """Deterministic MONAI-style transform: record -> preprocessed arrays (disk cache in ``cache_dir``)."""
+def _transform_base():
+    from monai.transforms import Transform
+
+    return Transform
+
+
+class LoadCachedSubjectd(_transform_base()):
+    """Deterministic MONAI transform: record -> preprocessed arrays (disk cache in ``cache_dir``).
+
+    A MONAI ``Transform`` subclass on purpose: ``CacheDataset`` caches the deterministic head of
+    the chain only up to the first object that is not one, and without the in-memory cache every
+    step would reload the subject and recompute its class indices in the loader.
+    """
 
     def __init__(self, meta: dict, cache_dir: Path):
         self.meta, self.cache_dir = meta, Path(cache_dir)
