@@ -230,6 +230,24 @@ def _job(args):
     return row, time.perf_counter() - t0
 
 
+def parse_protocol(items: list[str]) -> dict:
+    """Parse ``["thickness=7", "oblique=false", "fluid_kind=stir"]`` into protocol overrides.
+
+    Values are read as JSON where they parse (numbers, true/false, lists), else kept as text.
+    """
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in PROTOCOL_OVERRIDES:
+            raise ValueError(f"--protocol {item!r}: expected KEY=VALUE with KEY one of {', '.join(PROTOCOL_OVERRIDES)}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value.strip()
+    return out
+
+
 def generate_cohort(out_dir, n: int, seed: int, workers: int = 1, start: int = 0, log=print, **overrides) -> Path:
     """Generate subjects ``start .. start+n-1`` (skipping complete ones) and write cohort.csv."""
     out_dir = Path(out_dir)
@@ -265,14 +283,20 @@ def main(argv=None) -> int:
     ap.add_argument("--start", type=int, default=0, help="index of the first subject (for chunked runs)")
     ap.add_argument("--fov-mix", default=None,
                     help="field-of-view probabilities, e.g. bilateral=0.7,left=0.15,right=0.15 (default)")
+    ap.add_argument("--protocol", action="append", default=[], metavar="KEY=VALUE",
+                    help="fix a protocol setting for every subject, repeatable, e.g. --protocol thickness=7 "
+                         "--protocol snr=6 (stress cohorts beyond the default ranges); keys: "
+                         + ", ".join(PROTOCOL_OVERRIDES))
     a = ap.parse_args(argv)
     if a.n < 0 or a.start < 0 or a.workers < 1:
         ap.error("--n and --start must be >= 0 and --workers >= 1")
     try:
         mix = parse_fov_mix(a.fov_mix)
+        protocol = parse_protocol(a.protocol)
     except ValueError as exc:
         ap.error(str(exc))
     overrides = {"fov_mix": mix} if mix else {}
+    overrides.update(protocol)
     generate_cohort(a.out, a.n, a.seed, workers=a.workers, start=a.start, **overrides)
     return 0
 

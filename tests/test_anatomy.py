@@ -127,6 +127,19 @@ def test_contents_sides_and_truth_consistency(anatomy):
         assert hip["qfs_3d_mm"] < hip["ifs_3d_mm"] + 1.0
 
 
+def test_quadratus_femoris_is_outlined_by_fat(anatomy):
+    """Real QF borders show fat planes; the phantom's QF must not merge into same-intensity muscle."""
+    from scipy import ndimage
+
+    a = anatomy
+    qf = a.labels == LABELS["quadratus_femoris"]
+    ring = ndimage.binary_dilation(qf, np.ones((3, 3, 1), bool)) & ~qf    # in-plane neighbours
+    muscle_labels = [LABELS[n] for n in ("gluteus_maximus", "other_muscle")]
+    touching_muscle = np.isin(a.labels[ring], muscle_labels).mean()
+    touching_fat = (a.tissue[ring] == TISSUES["fat"]).mean()
+    assert touching_fat > 0.2 and touching_muscle < 0.45     # without the planes: ~0.01 and ~0.57
+
+
 def test_unknown_override_is_an_error():
     with pytest.raises(ValueError):
         build_anatomy(np.random.default_rng(0), fine_spacing=COARSE, not_a_parameter=1)

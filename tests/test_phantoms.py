@@ -265,3 +265,13 @@ def test_real_subject_contrast(real_subject):
     fat_f = np.median(fl.array[(lab.array == LABELS["subcutaneous_fat"]) & inside])
     mus_f = np.median(fl.array[(lab.array == LABELS["gluteus_maximus"]) & inside])
     assert fat_f < mus_f
+
+
+def test_protocol_overrides_from_the_command_line():
+    from data_scripts.make_phantoms import parse_protocol
+
+    assert parse_protocol(["thickness=7", "snr=6.5", "oblique=false", "fluid_kind=stir"]) == {
+        "thickness": 7, "snr": 6.5, "oblique": False, "fluid_kind": "stir"}
+    for bad in (["thickness"], ["slice=3"]):
+        with pytest.raises(ValueError):
+            parse_protocol(bad)

@@ -122,6 +122,21 @@ def test_augmentations_channel_dropout_and_domain_randomisation():
     assert inside.std() < 0.2 and not torch.allclose(out[0], one[0])
 
 
+def test_cache_dataset_caches_the_deterministic_head(tmp_path):
+    """MONAI's CacheDataset caches up to the first random or non-Transform step: the subject loading,
+    padding and class indices must all be cached, or every step recomputes them."""
+    from monai.transforms import RandomizableTrait, Transform
+
+    from models.bundle import default_metadata
+    from pipeline.training import train_transforms
+
+    chain = train_transforms(default_metadata(patch_size=[32, 32, 8]), tmp_path, 2, (32, 32, 8))
+    first = chain.get_index_of_first(lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform))
+    names = [type(t).__name__ for t in chain.transforms[:first]]
+    assert names[0] == "LoadCachedSubjectd" and "ClassesToIndicesd" in names
+    assert isinstance(chain.transforms[first], RandomizableTrait)
+
+
 def test_train_cli_help():
     import subprocess
     import sys
