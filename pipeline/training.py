@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from monai.transforms import MapTransform, RandomizableTransform, Transform
 
 from pipeline.labels import NUM_CLASSES, label_names, read_label_table, remap_to_project
 
@@ -128,13 +129,7 @@ def preprocess_subject(rec: dict, meta: dict) -> dict:
     return {"image": inp.array.astype(np.float16), "label": labels_to_grid(lab, inp.grid)[None]}
 
 
-def _transform_base():
-    from monai.transforms import Transform
-
-    return Transform
-
-
-class LoadCachedSubjectd(_transform_base()):
+class LoadCachedSubjectd(Transform):
     """Deterministic MONAI transform: record -> preprocessed arrays (disk cache in ``cache_dir``).
 
     A MONAI ``Transform`` subclass on purpose: ``CacheDataset`` caches the deterministic head of
@@ -162,16 +157,7 @@ class LoadCachedSubjectd(_transform_base()):
 
 
 # ----------------------------------------------------------------------------- transforms
-def _randomisable_base():
-    from monai.transforms import MapTransform, RandomizableTransform
-
-    return MapTransform, RandomizableTransform
-
-
-_MapTransform, _RandomizableTransform = _randomisable_base()
-
-
-class RandDomainRandomisationd(_RandomizableTransform, _MapTransform):
+class RandDomainRandomisationd(RandomizableTransform, MapTransform):
     """SynthSeg-style contrast randomisation (Billot et al. 2023).
 
     With probability ``prob`` every present image channel is replaced by a random intensity per
@@ -181,8 +167,8 @@ class RandDomainRandomisationd(_RandomizableTransform, _MapTransform):
     """
 
     def __init__(self, keys=("image",), label_key="label", prob=0.3):
-        _RandomizableTransform.__init__(self, prob)
-        _MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
         self.label_key = label_key
 
     def __call__(self, data):
@@ -213,7 +199,7 @@ class RandDomainRandomisationd(_RandomizableTransform, _MapTransform):
         return d
 
 
-class RandChannelDropoutd(_RandomizableTransform, _MapTransform):
+class RandChannelDropoutd(RandomizableTransform, MapTransform):
     """With probability ``prob`` zero one of the two channels (T1 only / fluid only at inference).
 
     Applied last, so a dropped channel is exactly zero like a missing series at inference.
@@ -221,8 +207,8 @@ class RandChannelDropoutd(_RandomizableTransform, _MapTransform):
     """
 
     def __init__(self, keys=("image",), prob=0.4):
-        _RandomizableTransform.__init__(self, prob)
-        _MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
 
     def __call__(self, data):
         d = dict(data)
