@@ -11,7 +11,6 @@ raises ``SubjectError`` naming the stage and giving a one-line reason.
 from __future__ import annotations
 
 import contextlib
-
 import datetime as _dt
 import platform
 import re
@@ -339,7 +338,6 @@ def run_subject(inputs: dict, out_dir, *, model=None, config=None, subject=None,
     return record
 
 
-
 @contextlib.contextmanager
 def _stage_errors(stage: str):
     """Turn any failure inside a pipeline stage into a one-line ``SubjectError(stage, ...)``."""
@@ -351,6 +349,7 @@ def _stage_errors(stage: str):
         raise SubjectError(stage, str(exc)) from exc
     except Exception as exc:
         raise SubjectError(stage, f"{type(exc).__name__}: {exc}") from exc
+
 
 def load_model_or_fail(model_path=None, device: str = "auto"):
     """``pipeline.segment.load_model`` with a one-line ``SubjectError('model', ...)`` on failure."""

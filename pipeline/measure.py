@@ -25,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.jsonable import to_jsonable
-
 from . import geometry, pose, signal
 from .config import DISCLAIMER, MeasureConfig, load_config
 from .image import Image, ImageError, load_nifti
+from .jsonable import to_jsonable
 from .labels import LABELS, remap_to_project
 from .sides import Mask, assign_sides, largest_component, union_crop
 
@@ -246,8 +245,8 @@ def measure_hips(labels: Image, images: dict | None = None, label_table: dict | 
         if d is not None and od is not None:
             hips[side]["pose"]["lt_direction_minus_contralateral_deg"] = d - od
     return to_jsonable({"frame": FRAME, "config": cfg.to_dict(), "disclaimer": DISCLAIMER,
-                      "sides": {"mode": sa.mode, "method": sa.method, "midplane": sa.midplane},
-                      "hips": hips})
+                        "sides": {"mode": sa.mode, "method": sa.method, "midplane": sa.midplane},
+                        "hips": hips})
 
 
 def _fluid_kind(path: str, given: str | None) -> str:

@@ -15,15 +15,14 @@ import csv
 import html
 import io as _io
 import json
-import math
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.jsonable import to_jsonable
-
 from pipeline.image import Image, atomic_write, reorient_to_ras, save_nifti
+from pipeline.jsonable import to_jsonable
 from pipeline.labels import LABELS, write_label_table
 
 SIDES = ("right", "left")
@@ -43,8 +42,6 @@ STRUCTURE_COLOURS = {  # distinct hues; yellow and cyan are kept for the IFS and
 # ----------------------------------------------------------------------------------------------
 # JSON
 # ----------------------------------------------------------------------------------------------
-
-
 def write_json(path, data) -> None:
     """Write strict JSON atomically."""
     text = json.dumps(to_jsonable(data), indent=2, allow_nan=False) + "\n"
@@ -70,8 +67,6 @@ def write_subject_outputs(out_dir, record: dict, labels: Image, display: Image |
     shape. ``display`` (T1, else fluid) is the QC background. With ``dicom_seg_source`` (a DICOM
     reference image) a DICOM SEG is written too.
     """
-    import time
-
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
