@@ -229,8 +229,8 @@ def train_transforms(meta: dict, cache_dir: Path, batch: int, patch) -> "object"
     """The MONAI dictionary transform chain (deterministic head is cached by CacheDataset)."""
     from monai.transforms import (CastToTyped, ClassesToIndicesd, Compose, EnsureTyped, Rand3DElasticd,
                                   RandAdjustContrastd, RandAffined, RandBiasFieldd, RandCropByLabelClassesd,
-                                  RandFlipd, RandGaussianNoised, RandGaussianSmoothd, RandHistogramShiftd,
-                                  RandSimulateLowResolutiond, SpatialPadd)
+                                  RandFlipd, RandGaussianNoised, RandGaussianSmoothd, RandGridDistortiond,
+                                  RandHistogramShiftd, RandSimulateLowResolutiond, SpatialPadd)
 
     patch = tuple(int(p) for p in patch)
     big = (int(patch[0] * 1.25), int(patch[1] * 1.25), int(patch[2] + 4))
@@ -251,7 +251,12 @@ def train_transforms(meta: dict, cache_dir: Path, batch: int, patch) -> "object"
         RandFlipd(keys, prob=0.5, spatial_axis=0),
         RandAffined(keys, spatial_size=patch, prob=0.8, rotate_range=(0.1, 0.1, 0.3),
                     scale_range=(0.12, 0.12, 0.12), mode=("bilinear", "nearest"), padding_mode="zeros"),
-        Rand3DElasticd(keys, sigma_range=(6, 8), magnitude_range=(20, 60), prob=0.1,
+        # Non-rigid deformation: a smooth elastic field is ~12x dearer per patch on the CPU
+        # (0.19 s vs 0.017 s, 128x128x16) than a coarse grid distortion, so most patches get the
+        # latter and a few the former; the saving buys ~20 % more training steps per minute.
+        RandGridDistortiond(keys, num_cells=(4, 4, 2), distort_limit=(-0.1, 0.1), prob=0.2,
+                            mode=("bilinear", "nearest"), padding_mode="zeros"),
+        Rand3DElasticd(keys, sigma_range=(6, 8), magnitude_range=(20, 60), prob=0.03,
                        mode=("bilinear", "nearest"), padding_mode="zeros"),
         RandDomainRandomisationd(("image",), "label", prob=0.3),
         RandBiasFieldd("image", coeff_range=(0.0, 0.3), prob=0.3),
@@ -346,7 +351,7 @@ def run_training(cfg: TrainConfig) -> dict:
         "seed": cfg.seed, "batch": cfg.batch, "patch": list(cfg.patch), "lr": cfg.lr,
         "epochs": cfg.epochs, "minutes": cfg.minutes, "steps_per_epoch": cfg.steps_per_epoch,
         "command": command, "device": device.type, "torch": torch.__version__,
-        "augmentation": "flip LR, affine, elastic, SynthSeg contrast, bias, gamma, histogram shift, "
+        "augmentation": "flip LR, affine, grid distortion, elastic, SynthSeg contrast, bias, gamma, histogram shift, "
                         "low resolution, blur, noise, channel dropout",
     }
     cohort_info = Path(cfg.data) / "cohort.json" if Path(cfg.data).is_dir() else None
@@ -398,7 +403,7 @@ def run_training(cfg: TrainConfig) -> dict:
 
     from tqdm import tqdm
 
-    epoch, stop = start_epoch, False
+    epoch, stop, last_val_s = start_epoch, False, 0.0
     use_bf16 = cfg.bf16
     it = iter(loader)
     while epoch < cfg.epochs and not stop:
@@ -425,12 +430,15 @@ def run_training(cfg: TrainConfig) -> dict:
             opt.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-            if budget_s and elapsed() >= budget_s:
+            # Stop early enough for the closing validation to end inside the budget too.
+            if budget_s and elapsed() + last_val_s >= budget_s:
                 stop = True
                 break
         bar.close()
         epoch += 1
+        t_val = time.time()
         dice = validate(net, val_items, meta, device)
+        last_val_s = time.time() - t_val
         key = [dice[n] for n in KEY_STRUCTURES if not math.isnan(dice[n])]
         key_mean = float(np.mean(key)) if key else float("nan")
         all_vals = [v for v in dice.values() if not math.isnan(v)]
