@@ -7,10 +7,12 @@ fluid image when there is no T1), in project label values (``pipeline.labels.LAB
 
 Post-processing (conservative; sides are never relabelled, classes are side-agnostic):
   * paired structures (QF, LT, IT, hamstring and iliopsoas tendons, femur, gluteus maximus):
-    keep the largest connected component, plus the largest one lying >= 40 mm away along the
-    world left-right axis (the other hip) if it is at least 10 % of the largest, plus fragments
-    whose centroid lies within 10 mm of a kept component's bounding box (a structure broken by
-    a slice gap). Everything else of that class is an island.
+    keep the pair of connected components most like a left and a right instance (>= 40 mm
+    apart along the world left-right axis, offset within 45 degrees of that axis, each at least
+    10 % of the largest component, similar sizes: ``pipeline.sides.left_right_pair``), else the
+    largest component alone (single hip), plus fragments whose centroid lies within 10 mm of a
+    kept component's bounding box (a structure broken by a slice gap). Everything else of that
+    class is an island: a large stray blob in front of the pelvis does not displace a femur.
   * other classes (pelvis, subcutaneous fat, other muscle): drop components smaller than 1 % of
     the class volume and smaller than 500 mm^3.
   * island voxels take their next most probable class.
@@ -31,6 +33,7 @@ import numpy as np
 
 from pipeline.image import Image
 from pipeline.labels import LABELS, label_names
+from pipeline.sides import left_right_pair
 
 #: Structures with one instance per hip.
 PAIRED = ("quadratus_femoris", "lesser_trochanter", "ischial_tuberosity", "hamstring_tendon",
@@ -186,14 +189,9 @@ def postprocess(labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, dic
         order = np.argsort(-counts)
         keep = np.zeros(n + 1, bool)
         if name in PAIRED:
-            first = order[0]
-            keep[first + 1] = True
-            anchors = [first]
-            for c in order[1:]:
-                if abs(cents[c, 0] - cents[first, 0]) >= CONTRALATERAL_MIN_MM and counts[c] >= 0.1 * counts[first]:
-                    keep[c + 1] = True
-                    anchors.append(c)
-                    break
+            pair = left_right_pair(cents, counts, CONTRALATERAL_MIN_MM)
+            anchors = list(pair) if pair is not None else [order[0]]
+            keep[np.asarray(anchors) + 1] = True
             objs_c = ndimage.find_objects(lab)
             boxes = [_world_box(objs_c[a], sub_aff) for a in anchors]
             for lo, hi in boxes:

@@ -3,7 +3,8 @@
 Uses anatomy in world RAS coordinates (+x = patient's right), never the image centre or the
 storage order:
 
-* bilateral field of view (two femora, or two ischial tuberosities, far apart): the mid-sagittal
+* bilateral field of view (two femora, or two ischial tuberosities, far apart along the
+  left-right axis: ``left_right_pair``): the mid-sagittal
   plane is the perpendicular bisector of the two femoral (else ischial) centroids; the hip on the
   +x side of it is the right hip. Every structure's voxels are split by that plane (a hip's
   structures lie well to one side of it; midline ones such as subcutaneous fat are cut by it).
@@ -28,6 +29,35 @@ MIN_BILATERAL_SEPARATION_MM = 60.0
 ANCHORS = ("femur", "ischial_tuberosity", "lesser_trochanter", "pelvis")
 #: Components smaller than this share of the structure's largest component are noise for anchors.
 MIN_ANCHOR_SHARE = 0.1
+
+
+def left_right_pair(centroids, sizes, min_separation_mm: float) -> tuple[int, int] | None:
+    """The two components that can be one structure's left and right instances, or None.
+
+    Candidates are components of at least a tenth of the largest one's size (at most six, largest
+    first). A pair qualifies when its centroids lie at least ``min_separation_mm`` apart along
+    world x and the offset points within 45 degrees of the left-right axis (more along x than
+    in y and z together): a stray blob in front of or behind the pelvis does not pair with a
+    hip. Left and right instances are near mirror images, so of the qualifying pairs the one
+    with the highest combined size x size ratio (smaller / larger) x alignment with the x axis
+    wins. Returned as (index with larger x, index with smaller x), i.e. (right, left).
+    """
+    sizes = np.asarray(sizes, float)
+    cents = np.asarray(centroids, float).reshape(len(sizes), 3)
+    if len(sizes) < 2:
+        return None
+    cand = [int(i) for i in np.argsort(-sizes, kind="stable") if sizes[i] >= 0.1 * sizes.max()][:6]
+    best, best_score = None, -1.0
+    for k, a in enumerate(cand):
+        for b in cand[k + 1:]:
+            d = cents[a] - cents[b]
+            if abs(d[0]) < min_separation_mm or abs(d[0]) < np.hypot(d[1], d[2]):
+                continue
+            score = (sizes[a] + sizes[b]) * min(sizes[a], sizes[b]) / max(sizes[a], sizes[b]) \
+                * abs(d[0]) / np.linalg.norm(d)
+            if score > best_score:
+                best, best_score = ((a, b) if d[0] > 0 else (b, a)), score
+    return best
 
 
 @dataclass
@@ -129,12 +159,9 @@ def assign_sides(labels: np.ndarray, affine: np.ndarray, table: dict | None = No
     ischia = _anchors(comps.get("ischial_tuberosity", []), affine, voxel_ml)
 
     def pair(anchors):
-        if len(anchors) < 2:
-            return None
-        a, b = anchors[0][0], anchors[1][0]
-        if abs(a[0] - b[0]) < MIN_BILATERAL_SEPARATION_MM:
-            return None
-        return (a, b) if a[0] > b[0] else (b, a)   # (right, left)
+        found = left_right_pair([c for c, _ in anchors], [v for _, v in anchors],
+                                MIN_BILATERAL_SEPARATION_MM)
+        return None if found is None else (anchors[found[0]][0], anchors[found[1]][0])
 
     bil = pair(femurs) or pair(ischia)
     if bil is not None:

@@ -144,6 +144,18 @@ def test_postprocess_keeps_one_component_per_side_and_fragments():
     assert not remove[10:24].any() and not remove[90:99].any()
 
 
+def test_postprocess_keeps_the_left_right_pair_over_a_larger_stray_blob():
+    lab = np.zeros((200, 200, 10), np.uint8)
+    fem = LABELS["femur"]
+    lab[10:30, 20:40, 2:8] = fem        # left femur
+    lab[170:190, 20:40, 2:8] = fem      # right femur
+    lab[85:115, 140:180, 2:8] = fem     # larger stray blob in front of the pelvis
+    remove, removed = postprocess(lab, np.diag([1.0, 1.0, 1.0, 1.0]))
+    assert remove[85:115, 140:180, 2:8].all()
+    assert not remove[10:30].any() and not remove[170:190].any()
+    assert removed == {"femur": 30 * 40 * 6}
+
+
 @pytest.mark.parametrize("name", sorted(AFFINES))
 def test_to_reference_matches_undo_reorient(name):
     from pipeline.image import undo_reorient

@@ -4,8 +4,8 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from pipeline.labels import LABELS
-from pipeline.sides import assign_sides
-from tests.analytic_hips import labels_image
+from pipeline.sides import assign_sides, left_right_pair
+from tests.analytic_hips import labels_image, world_grid
 
 CONVENTIONS = [
     dict(perm=(0, 1, 2), flips=(False, False, False)),                     # RAS
@@ -58,3 +58,34 @@ def test_single_hip_without_pelvis_uses_lesser_trochanter():
 def test_empty_label_map():
     res = assign_sides(np.zeros((10, 10, 10), np.uint8), np.eye(4))
     assert res.mode == "none" and res.hips == {} and res.warnings
+
+
+@pytest.mark.parametrize("conv", CONVENTIONS)
+def test_a_stray_blob_in_front_of_the_pelvis_does_not_tilt_the_midplane(conv):
+    """A mislabelled 'femur' blob larger than either femur, in front of the pelvis, must not be
+    paired with a femur (it once gave an antero-posterior 'midplane' and a 99 mm IFS)."""
+    img, truth = labels_image((1.0, 1.0, 5.0), **conv)
+    arr = img.array.copy()
+    xyz = world_grid(arr.shape, img.affine)
+    fem = arr == LABELS["femur"]
+    z0 = float(xyz[fem][:, 2].mean())
+    y_front = float(xyz[..., 1].max()) - 35.0
+    r = 30.0
+    blob = np.linalg.norm(xyz - np.array([-15.0, y_front, z0]), axis=-1) < r
+    arr[blob] = LABELS["femur"]
+    assert blob.sum() > 0.6 * fem.sum()     # larger than either femur
+    res = assign_sides(arr, img.affine)
+    assert res.mode == "bilateral"
+    assert abs(res.midplane["normal"][0]) > 0.95
+    for side in ("left", "right"):
+        c = _centroid(res.hips[side]["ischial_tuberosity"], img.affine)
+        assert np.linalg.norm(c - truth[side]["it"]) < 2.0, side
+
+
+def test_left_right_pair_prefers_a_plausible_pair_over_the_largest_component():
+    cents = [(0.0, 120.0, 0.0), (95.0, -10.0, 0.0), (-97.0, -10.0, 0.0)]
+    assert left_right_pair(cents, [22771, 17208, 17400], 60.0) == (1, 2)
+    # nothing far enough apart along x: a single hip
+    assert left_right_pair([(0, 0, 0), (30, 0, 0)], [10, 9], 60.0) is None
+    # offset mostly antero-posterior: not a left/right pair
+    assert left_right_pair([(0, 0, 0), (70, 90, 0)], [10, 9], 60.0) is None
