@@ -186,11 +186,10 @@ def postprocess(labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, dic
         if n <= 1:
             continue
         counts, cents = _component_stats(lab, n, sub_aff)
-        order = np.argsort(-counts)
         keep = np.zeros(n + 1, bool)
         if name in PAIRED:
             pair = left_right_pair(cents, counts, CONTRALATERAL_MIN_MM)
-            anchors = list(pair) if pair is not None else [order[0]]
+            anchors = list(pair) if pair is not None else [int(np.argmax(counts))]
             keep[np.asarray(anchors) + 1] = True
             objs_c = ndimage.find_objects(lab)
             boxes = [_world_box(objs_c[a], sub_aff) for a in anchors]

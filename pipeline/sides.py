@@ -46,7 +46,8 @@ def left_right_pair(centroids, sizes, min_separation_mm: float) -> tuple[int, in
     cents = np.asarray(centroids, float).reshape(len(sizes), 3)
     if len(sizes) < 2:
         return None
-    cand = [int(i) for i in np.argsort(-sizes, kind="stable") if sizes[i] >= 0.1 * sizes.max()][:6]
+    cand = [int(i) for i in np.argsort(-sizes, kind="stable")
+            if sizes[i] >= MIN_ANCHOR_SHARE * sizes.max()][:6]
     best, best_score = None, -1.0
     for k, a in enumerate(cand):
         for b in cand[k + 1:]:
