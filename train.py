@@ -27,7 +27,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=1000, help="maximum number of epochs")
     ap.add_argument("--minutes", type=float, default=None, help="time budget; training stops cleanly after it")
     ap.add_argument("--steps-per-epoch", type=int, default=100)
-    ap.add_argument("--batch", type=int, default=2, help="patches per step (drawn from one subject)")
+    ap.add_argument("--batch", type=int, default=2, help="patches per step")
+    ap.add_argument("--patches-per-subject", type=int, default=2,
+                    help="patches drawn from each subject of a step (divides --batch)")
     ap.add_argument("--patch", type=int, nargs=3, default=[128, 128, 16], help="patch size in working voxels")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--val-fraction", type=float, default=0.15)
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.training import TrainConfig, run_training
 
     cfg = TrainConfig(data=a.data, out=a.out, epochs=a.epochs, minutes=a.minutes,
-                      steps_per_epoch=a.steps_per_epoch, batch=a.batch, patch=tuple(a.patch), lr=a.lr,
+                      steps_per_epoch=a.steps_per_epoch, batch=a.batch,
+                      patches_per_subject=a.patches_per_subject, patch=tuple(a.patch), lr=a.lr,
                       val_fraction=a.val_fraction, max_val=a.max_val, seed=a.seed, resume=a.resume,
                       device=a.device, init=a.init, workers=a.workers, bf16=a.bf16, threads=a.threads,
                       progress=not a.no_progress, description=a.description)

@@ -71,7 +71,7 @@ def side_map(img, centres: dict) -> np.ndarray | None:
 
 
 def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
-                     bf16: bool | None = None) -> list[dict]:
+                     bf16: bool | None = None, mirror: bool | None = None) -> list[dict]:
     """All metrics of one subject; one dict per (mode, side) plus one per mode with side 'all'."""
     from pipeline.measure import measure_hips
     from pipeline.segment import segment
@@ -97,7 +97,7 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
             pred, conf, seconds = truth_lab, {}, 0.0
             meas_imgs = {k: v for k, v in all_imgs.items() if v is not None}
         else:
-            seg = segment(imgs, model, bf16=bf16)
+            seg = segment(imgs, model, bf16=bf16, mirror=mirror)
             pred, conf, seconds = seg.labels, seg.confidence, time.perf_counter() - t0
             meas_imgs = imgs
         tl = truth_lab if (pred.shape == truth_lab.shape and np.allclose(pred.affine, truth_lab.affine)) \
@@ -196,6 +196,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="CSV of per-subject/side results")
     ap.add_argument("--bf16", choices=["model", "on", "off"], default="model",
                     help="bfloat16 autocast at inference (default: the model metadata's choice)")
+    ap.add_argument("--mirror-tta", choices=["model", "on", "off"], default="model",
+                    help="left-right mirror test-time augmentation, twice the network time "
+                         "(default: the model metadata's choice)")
     a = ap.parse_args(argv)
     from pipeline.segment import load_model
 
@@ -207,7 +210,8 @@ def main(argv=None) -> int:
     rows = []
     for i, row in enumerate(subjects):
         bf16 = None if a.bf16 == "model" else a.bf16 == "on"
-        rows.extend(evaluate_subject(row, cohort, model, modes, a.truth_labels, bf16))
+        mirror = None if a.mirror_tta == "model" else a.mirror_tta == "on"
+        rows.extend(evaluate_subject(row, cohort, model, modes, a.truth_labels, bf16, mirror))
         print(f"[{i + 1}/{len(subjects)}] {row['subject']}", file=sys.stderr)
     print(summarise(rows))
     if a.out:

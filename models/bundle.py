@@ -49,7 +49,9 @@ def default_metadata(**overrides) -> dict:
         # with bf16, 4.5 M ~1.9 GB in float32), else sliding window in 224 x 224 in-plane tiles.
         # bf16 autocast: same Dice to 0.001 as float32 in our check, 1.2-1.5x faster, less memory.
         "inference": {"mode": "auto", "max_whole_voxels": 8_000_000, "max_whole_voxels_fp32": 4_500_000,
-                      "roi_size": [224, 224, 48], "overlap": 0.25, "bf16": True},
+                      "roi_size": [224, 224, 48], "overlap": 0.25, "bf16": True,
+                      # left-right mirror test-time augmentation (pipeline.segment.predict_logits)
+                      "mirror": False},
         "training": {},
         "metrics": {},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -110,12 +110,20 @@ def _bf16_ok(device) -> bool:
         return False
 
 
-def predict_logits(net, array: np.ndarray, meta: dict, device, bf16: bool | None = None):
+def predict_logits(net, array: np.ndarray, meta: dict, device, bf16: bool | None = None,
+                   mirror: bool = False):
     """Run the network on a (C, X, Y, Z) working-grid array; returns (K, X, Y, Z) float32 logits (torch).
 
     Input padded to the network's size divisor. ``meta["inference"]["mode"]``: "whole" (one pass),
     "sliding_window" (MONAI, ``roi_size``/``overlap``) or "auto" (whole up to ``max_whole_voxels``).
+    ``mirror``: test-time augmentation, the mean of the logits of the array and of its left-right
+    mirror image (axis 0 of the working grid is the reoriented left-right axis; the classes are
+    side-agnostic and training mirrored along it), at twice the network time.
     """
+    if mirror:
+        plain = predict_logits(net, array, meta, device, bf16)
+        flipped = predict_logits(net, np.ascontiguousarray(array[:, ::-1]), meta, device, bf16)
+        return 0.5 * (plain + flipped.flip(1))
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -207,7 +215,8 @@ def postprocess(labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, dic
 
 
 def segment(images: dict[str, Image], model: SegModel, reference: str | None = None,
-            return_probabilities: bool = False, bf16: bool | None = None) -> Segmentation:
+            return_probabilities: bool = False, bf16: bool | None = None,
+            mirror: bool | None = None) -> Segmentation:
     """Segment the hip structures; see the module docstring.
 
     Args:
@@ -217,6 +226,8 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
         reference: the image whose grid the labels are returned on (default "t1" if present).
         return_probabilities: keep the softmax on the working grid in the result.
         bf16: bfloat16 autocast (default: the model metadata's choice).
+        mirror: left-right mirror test-time augmentation (``predict_logits``), twice the network
+            time (default: the model metadata's ``inference.mirror``).
     """
     import torch
 
@@ -231,7 +242,9 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
     timings["resample"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    logits = predict_logits(model.net, inputs.array, meta, model.device, bf16)
+    if mirror is None:
+        mirror = bool(meta.get("inference", {}).get("mirror", False))
+    logits = predict_logits(model.net, inputs.array, meta, model.device, bf16, mirror)
     timings["network"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

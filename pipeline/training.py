@@ -71,6 +71,7 @@ class TrainConfig:
     minutes: float | None = None
     steps_per_epoch: int = 100
     batch: int = 2
+    patches_per_subject: int = 2
     patch: tuple = (128, 128, 16)
     lr: float = 2e-3
     val_fraction: float = 0.15
@@ -226,7 +227,10 @@ class RandChannelDropoutd(RandomizableTransform, MapTransform):
 
 
 def train_transforms(meta: dict, cache_dir: Path, batch: int, patch) -> "object":
-    """The MONAI dictionary transform chain (deterministic head is cached by CacheDataset)."""
+    """The MONAI dictionary transform chain (deterministic head is cached by CacheDataset).
+
+    ``batch``: patches drawn from each subject (the loader stacks the subjects of one step).
+    """
     from monai.transforms import (CastToTyped, ClassesToIndicesd, Compose, EnsureTyped, Rand3DElasticd,
                                   RandAdjustContrastd, RandAffined, RandBiasFieldd, RandCropByLabelClassesd,
                                   RandFlipd, RandGaussianNoised, RandGaussianSmoothd, RandGridDistortiond,
@@ -348,7 +352,8 @@ def run_training(cfg: TrainConfig) -> dict:
         "description": cfg.description or f"{len(records)} subjects from {cfg.data}",
         "data": str(cfg.data), "n_train": len(train_recs), "n_val": len(val_recs),
         "train_subjects": [r["subject"] for r in train_recs], "val_subjects": [r["subject"] for r in val_recs],
-        "seed": cfg.seed, "batch": cfg.batch, "patch": list(cfg.patch), "lr": cfg.lr,
+        "seed": cfg.seed, "batch": cfg.batch, "patches_per_subject": cfg.patches_per_subject,
+        "patch": list(cfg.patch), "lr": cfg.lr,
         "epochs": cfg.epochs, "minutes": cfg.minutes, "steps_per_epoch": cfg.steps_per_epoch,
         "command": command, "device": device.type, "torch": torch.__version__,
         "augmentation": "flip LR, affine, grid distortion, elastic, SynthSeg contrast, bias, gamma, histogram shift, "
@@ -376,12 +381,15 @@ def run_training(cfg: TrainConfig) -> dict:
 
     cache_dir = run_dir / "cache"
     t0 = time.time()
-    train_ds = CacheDataset(train_recs, train_transforms(meta, cache_dir, cfg.batch, cfg.patch),
+    if cfg.patches_per_subject < 1 or cfg.batch % cfg.patches_per_subject:
+        raise ValueError(f"--batch {cfg.batch} is not a multiple of --patches-per-subject {cfg.patches_per_subject}")
+    train_ds = CacheDataset(train_recs, train_transforms(meta, cache_dir, cfg.patches_per_subject, cfg.patch),
                             cache_rate=1.0, num_workers=0, progress=cfg.progress)
     val_items = [val_transforms(meta, cache_dir)(r) for r in val_recs]
     _log(run_dir, f"cached {len(train_recs)} training + {len(val_recs)} validation subjects "
                   f"in {time.time() - t0:.0f} s")
-    loader = DataLoader(train_ds, batch_size=1, shuffle=True, num_workers=cfg.workers,
+    loader = DataLoader(train_ds, batch_size=cfg.batch // cfg.patches_per_subject, shuffle=True,
+                        num_workers=cfg.workers,
                         collate_fn=list_data_collate, persistent_workers=cfg.workers > 0)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     budget_s = cfg.minutes * 60.0 if cfg.minutes else None

@@ -129,6 +129,24 @@ def test_segment_returns_labels_on_reference_grid(small_model, inputs):
     assert seg.reference == ("t1" if "t1" in inputs else "fluid")
 
 
+def test_mirror_tta_is_left_right_equivariant(small_model):
+    """Mirror test-time augmentation: mirroring the input mirrors the output exactly, also for a
+    grid that needs padding (odd sizes); the plain pass is not equivariant, so this can fail."""
+    from pipeline.segment import predict_logits
+
+    x = np.random.default_rng(5).random((2, 37, 30, 7)).astype(np.float32)
+    xm = np.ascontiguousarray(x[:, ::-1])
+    m = small_model
+    tta = predict_logits(m.net, x, m.meta, m.device, bf16=False, mirror=True)
+    tta_m = predict_logits(m.net, xm, m.meta, m.device, bf16=False, mirror=True)
+    assert tta.shape == (len(LABELS), 37, 30, 7)
+    torch.testing.assert_close(tta_m, tta.flip(1), atol=1e-5, rtol=1e-5)
+    plain = predict_logits(m.net, x, m.meta, m.device, bf16=False)
+    plain_m = predict_logits(m.net, xm, m.meta, m.device, bf16=False)
+    assert not torch.allclose(plain_m, plain.flip(1), atol=1e-3)
+    torch.testing.assert_close(tta, 0.5 * (plain + plain_m.flip(1)))
+
+
 def test_postprocess_keeps_one_component_per_side_and_fragments():
     lab = np.zeros((120, 20, 10), np.uint8)
     qf = LABELS["quadratus_femoris"]

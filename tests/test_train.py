@@ -96,6 +96,22 @@ def test_training_smoke_run_and_resume(dataset, tmp_path):
     assert meta2["metrics"]["epoch"] == 2
 
 
+def test_steps_draw_patches_from_several_subjects(dataset, tmp_path):
+    """--patches-per-subject 1 with --batch 2 puts two subjects in a step; --batch must be a multiple."""
+    from models.bundle import load_bundle
+    from pipeline.training import TrainConfig, run_training
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(data=str(dataset), out=str(tmp_path / "run"), epochs=1, steps_per_epoch=1, batch=2,
+                      patches_per_subject=1, patch=(32, 32, 8), val_fraction=0.34, seed=1, progress=False)
+    assert run_training(cfg)["epochs"] == 1
+    _, meta = load_bundle(tmp_path / "run" / "last")
+    assert meta["training"]["patches_per_subject"] == 1 and meta["training"]["batch"] == 2
+    cfg.out, cfg.batch, cfg.patches_per_subject = str(tmp_path / "bad"), 3, 2
+    with pytest.raises(ValueError, match="multiple"):
+        run_training(cfg)
+
+
 def test_augmentations_channel_dropout_and_domain_randomisation():
     from pipeline.training import RandChannelDropoutd, RandDomainRandomisationd
 
