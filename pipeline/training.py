@@ -35,6 +35,7 @@ loaded with ``weights_only=True``) for ``--resume``.
 """
 from __future__ import annotations
 
+import collections
 import csv
 import datetime as _dt
 import json
@@ -226,10 +227,10 @@ class RandChannelDropoutd(RandomizableTransform, MapTransform):
         return d
 
 
-def train_transforms(meta: dict, cache_dir: Path, batch: int, patch) -> "object":
+def train_transforms(meta: dict, cache_dir: Path, samples: int, patch) -> "object":
     """The MONAI dictionary transform chain (deterministic head is cached by CacheDataset).
 
-    ``batch``: patches drawn from each subject (the loader stacks the subjects of one step).
+    ``samples``: patches drawn from each subject (the loader stacks the subjects of one step).
     """
     from monai.transforms import (CastToTyped, ClassesToIndicesd, Compose, EnsureTyped, Rand3DElasticd,
                                   RandAdjustContrastd, RandAffined, RandBiasFieldd, RandCropByLabelClassesd,
@@ -248,7 +249,7 @@ def train_transforms(meta: dict, cache_dir: Path, batch: int, patch) -> "object"
         EnsureTyped(keys, track_meta=False),
         # --- random from here on (not cached)
         RandCropByLabelClassesd(keys, "label", big, ratios=ratios, num_classes=NUM_CLASSES,
-                                num_samples=batch, indices_key="label_cls_indices", warn=False),
+                                num_samples=samples, indices_key="label_cls_indices", warn=False),
         CastToTyped(keys, dtype=(np.float32, np.float32)),
         # Left-right mirroring is safe: the classes are side-agnostic (no left/right label values);
         # sides are assigned from world coordinates after segmentation.
@@ -352,7 +353,7 @@ def run_training(cfg: TrainConfig) -> dict:
         "description": cfg.description or f"{len(records)} subjects from {cfg.data}",
         "data": str(cfg.data), "n_train": len(train_recs), "n_val": len(val_recs),
         "train_subjects": [r["subject"] for r in train_recs], "val_subjects": [r["subject"] for r in val_recs],
-        "seed": cfg.seed, "batch": cfg.batch, "patches_per_subject": cfg.patches_per_subject,
+        "seed": cfg.seed, "batch": cfg.batch, "patches_per_subject": min(cfg.patches_per_subject, cfg.batch),
         "patch": list(cfg.patch), "lr": cfg.lr,
         "epochs": cfg.epochs, "minutes": cfg.minutes, "steps_per_epoch": cfg.steps_per_epoch,
         "command": command, "device": device.type, "torch": torch.__version__,
@@ -381,14 +382,15 @@ def run_training(cfg: TrainConfig) -> dict:
 
     cache_dir = run_dir / "cache"
     t0 = time.time()
-    if cfg.patches_per_subject < 1 or cfg.batch % cfg.patches_per_subject:
+    per_subject = min(cfg.patches_per_subject, cfg.batch)
+    if per_subject < 1 or cfg.batch % per_subject:
         raise ValueError(f"--batch {cfg.batch} is not a multiple of --patches-per-subject {cfg.patches_per_subject}")
-    train_ds = CacheDataset(train_recs, train_transforms(meta, cache_dir, cfg.patches_per_subject, cfg.patch),
+    train_ds = CacheDataset(train_recs, train_transforms(meta, cache_dir, per_subject, cfg.patch),
                             cache_rate=1.0, num_workers=0, progress=cfg.progress)
     val_items = [val_transforms(meta, cache_dir)(r) for r in val_recs]
     _log(run_dir, f"cached {len(train_recs)} training + {len(val_recs)} validation subjects "
                   f"in {time.time() - t0:.0f} s")
-    loader = DataLoader(train_ds, batch_size=cfg.batch // cfg.patches_per_subject, shuffle=True,
+    loader = DataLoader(train_ds, batch_size=cfg.batch // per_subject, shuffle=True,
                         num_workers=cfg.workers,
                         collate_fn=list_data_collate, persistent_workers=cfg.workers > 0)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
@@ -411,7 +413,8 @@ def run_training(cfg: TrainConfig) -> dict:
 
     from tqdm import tqdm
 
-    epoch, stop, last_val_s = start_epoch, False, 0.0
+    epoch, stop, last_val_s, step_s = start_epoch, False, 0.0, 0.0
+    recent_steps: collections.deque = collections.deque(maxlen=20)    # slowest recent step = margin
     use_bf16 = cfg.bf16
     it = iter(loader)
     while epoch < cfg.epochs and not stop:
@@ -420,6 +423,11 @@ def run_training(cfg: TrainConfig) -> dict:
         bar = tqdm(range(cfg.steps_per_epoch), desc=f"epoch {epoch + 1}", disable=not cfg.progress,
                    leave=False, file=sys.stderr)
         for step in bar:
+            # Start a step only if it and the closing validation can end inside the budget.
+            if budget_s and elapsed() + step_s + last_val_s >= budget_s:
+                stop = True
+                break
+            t_step = time.time()
             try:
                 batch = next(it)
             except StopIteration:
@@ -438,11 +446,11 @@ def run_training(cfg: TrainConfig) -> dict:
             opt.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-            # Stop early enough for the closing validation to end inside the budget too.
-            if budget_s and elapsed() + last_val_s >= budget_s:
-                stop = True
-                break
+            recent_steps.append(time.time() - t_step)
+            step_s = max(recent_steps)
         bar.close()
+        if not losses and epoch > 0:
+            break                       # budget spent at an epoch's end: the saved bundles are final
         epoch += 1
         t_val = time.time()
         dice = validate(net, val_items, meta, device)

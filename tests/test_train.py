@@ -107,9 +107,28 @@ def test_steps_draw_patches_from_several_subjects(dataset, tmp_path):
     assert run_training(cfg)["epochs"] == 1
     _, meta = load_bundle(tmp_path / "run" / "last")
     assert meta["training"]["patches_per_subject"] == 1 and meta["training"]["batch"] == 2
+    cfg.out, cfg.batch, cfg.patches_per_subject = str(tmp_path / "one"), 1, 2    # one patch: one subject
+    assert run_training(cfg)["epochs"] == 1
     cfg.out, cfg.batch, cfg.patches_per_subject = str(tmp_path / "bad"), 3, 2
     with pytest.raises(ValueError, match="multiple"):
         run_training(cfg)
+
+
+def test_time_budget_never_starts_a_step_it_cannot_finish(dataset, tmp_path):
+    """A spent budget starts no step: a fresh run still saves its (untrained) bundles once, and a
+    resumed run whose budget is spent adds no empty epoch."""
+    from pipeline.training import TrainConfig, run_training
+
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(dataset), out=str(run), minutes=1e-6, steps_per_epoch=50, batch=2,
+                      patch=(32, 32, 8), val_fraction=0.34, seed=1, progress=False)
+    assert run_training(cfg)["epochs"] == 1
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [r["steps"] for r in rows] == ["0"] and (run / "best.safetensors").exists()
+    cfg.resume = True
+    assert run_training(cfg)["epochs"] == 1
+    assert len(list(csv.DictReader(open(run / "log.csv")))) == 1
 
 
 def test_augmentations_channel_dropout_and_domain_randomisation():
