@@ -31,7 +31,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--patches-per-subject", type=int, default=2,
                     help="patches drawn from each subject of a step (divides --batch)")
     ap.add_argument("--patch", type=int, nargs=3, default=[128, 128, 16], help="patch size in working voxels")
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--val-fraction", type=float, default=0.15)
     ap.add_argument("--max-val", type=int, default=8, help="cap on the number of validation subjects")
     ap.add_argument("--seed", type=int, default=0)

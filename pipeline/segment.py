@@ -13,9 +13,13 @@ Post-processing (conservative; sides are never relabelled, classes are side-agno
     largest component alone (single hip), plus fragments whose centroid lies within 10 mm of a
     kept component's bounding box (a structure broken by a slice gap). Everything else of that
     class is an island: a large stray blob in front of the pelvis does not displace a femur.
+    The bony landmarks are chosen among the components touching their bone when there are any
+    (lesser trochanter: within 3 mm of the kept femur; ischial tuberosity: of the kept pelvis),
+    so a detached blob behind the hips is not taken for a lesser trochanter.
   * other classes (pelvis, subcutaneous fat, other muscle): drop components smaller than 1 % of
     the class volume and smaller than 500 mm^3.
-  * island voxels take their next most probable class.
+  * island voxels take their next most probable class; a second pass removes islands that this
+    relabelling creates.
 
 Confidence per structure (``Segmentation.confidence``): the mean, over the voxels finally
 labelled as that structure, of the network's softmax probability for that structure (0..1;
@@ -40,7 +44,12 @@ PAIRED = ("quadratus_femoris", "lesser_trochanter", "ischial_tuberosity", "hamst
           "iliopsoas_tendon", "femur", "gluteus_maximus")
 #: Below this confidence a structure is reported as uncertain.
 CONFIDENCE_WARN = 0.7
+#: Bony landmarks and the bone they belong to: post-processing keeps the landmark's components
+#: that touch (within ``ATTACHED_MM`` of) the kept bone when there are any.
+PARENT_BONE = {"lesser_trochanter": "femur", "ischial_tuberosity": "pelvis"}
 #: Post-processing constants (mm, mm^3).
+ATTACHED_MM = 3.0
+POSTPROCESS_PASSES = 2
 CONTRALATERAL_MIN_MM = 40.0
 FRAGMENT_MARGIN_MM = 10.0
 ISLAND_MAX_MM3 = 500.0
@@ -173,16 +182,37 @@ def _world_box(sl, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return w.min(0), w.max(0)
 
 
+def _distance_to_parent(lab: np.ndarray, n: int, sl: tuple, parent: np.ndarray, spacing: np.ndarray,
+                        reach_mm: float) -> np.ndarray:
+    """Shortest distance (mm, capped just above ``reach_mm``) from each component 1..n of ``lab``
+    (a box ``sl`` of the full grid) to the full-grid ``parent`` mask, looked for in the box grown
+    by ``reach_mm``."""
+    from scipy import ndimage
+
+    pad = [int(np.ceil(reach_mm / max(sp, 1e-6))) + 1 for sp in spacing]
+    big = tuple(slice(max(0, s.start - p), min(dim, s.stop + p)) for s, p, dim in zip(sl, pad, parent.shape))
+    sub_parent = parent[big]
+    if not sub_parent.any():
+        return np.full(n, np.inf)
+    sub_lab = np.zeros(sub_parent.shape, lab.dtype)
+    sub_lab[tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(sl, big))] = lab
+    dist = ndimage.distance_transform_edt(~sub_parent, sampling=spacing)
+    return np.asarray(ndimage.minimum(dist, sub_lab, np.arange(1, n + 1)), float)
+
+
 def postprocess(labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
     """Island mask per the module docstring: returns (bool mask of voxels to relabel, removed count per class)."""
     from scipy import ndimage
 
     voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     remove = np.zeros(labels.shape, bool)
     removed: dict[str, int] = {}
     structure = np.ones((3, 3, 3), bool)
     objs = ndimage.find_objects(labels)
-    for name, value in LABELS.items():
+    # parents first: a bony landmark is chosen among the components that touch its bone
+    order = sorted(LABELS.items(), key=lambda kv: kv[0] not in PARENT_BONE.values())
+    for name, value in order:
         if value == 0 or value > len(objs) or objs[value - 1] is None:
             continue
         sl = objs[value - 1]
@@ -196,8 +226,16 @@ def postprocess(labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, dic
         counts, cents = _component_stats(lab, n, sub_aff)
         keep = np.zeros(n + 1, bool)
         if name in PAIRED:
-            pair = left_right_pair(cents, counts, CONTRALATERAL_MIN_MM)
-            anchors = list(pair) if pair is not None else [int(np.argmax(counts))]
+            pool = np.arange(n)
+            if name in PARENT_BONE:
+                pv = LABELS[PARENT_BONE[name]]
+                parent = (labels == pv) & ~remove
+                dist = _distance_to_parent(lab, n, sl, parent, spacing, ATTACHED_MM)
+                attached = np.flatnonzero(dist <= ATTACHED_MM)
+                if attached.size:
+                    pool = attached
+            pair = left_right_pair(cents[pool], counts[pool], CONTRALATERAL_MIN_MM)
+            anchors = [int(pool[i]) for i in pair] if pair is not None else [int(pool[np.argmax(counts[pool])])]
             keep[np.asarray(anchors) + 1] = True
             objs_c = ndimage.find_objects(lab)
             boxes = [_world_box(objs_c[a], sub_aff) for a in anchors]
@@ -253,11 +291,18 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
     probs_t = grid.to_reference(probs_w, as_tensor=True)    # (K, *ref_shape)
     labels = probs_t.argmax(dim=0).to(torch.uint8).numpy()
     probs = probs_t.numpy()
-    remove, removed = postprocess(labels, grid.ref_affine)
-    if remove.any():
-        p = probs[:, remove]
-        p[labels[remove], np.arange(p.shape[1])] = -1.0
-        labels[remove] = p.argmax(axis=0).astype(np.uint8)
+    removed: dict[str, int] = {}
+    # Islands take their next most probable class; a second pass catches islands that this
+    # relabelling creates (a stray blob's runner-up class may be a landmark far from its bone).
+    for _ in range(POSTPROCESS_PASSES):
+        remove, removed_now = postprocess(labels, grid.ref_affine)
+        if not remove.any():
+            break
+        for k, v in removed_now.items():
+            removed[k] = removed.get(k, 0) + v
+        idx = np.nonzero(remove)
+        probs[(labels[idx], *idx)] = -1.0          # never this class again for these voxels
+        labels[idx] = probs[(slice(None), *idx)].argmax(axis=0).astype(np.uint8)
     names = label_names()
     confidence: dict[str, float] = {}
     flat_lab = labels.ravel()

@@ -74,7 +74,7 @@ class TrainConfig:
     batch: int = 2
     patches_per_subject: int = 2
     patch: tuple = (128, 128, 16)
-    lr: float = 2e-3
+    lr: float = 1e-3
     val_fraction: float = 0.15
     max_val: int = 8
     seed: int = 0

@@ -174,6 +174,49 @@ def test_postprocess_keeps_the_left_right_pair_over_a_larger_stray_blob():
     assert removed == {"femur": 30 * 40 * 6}
 
 
+def test_postprocess_keeps_the_lesser_trochanters_that_touch_a_femur():
+    """A larger left-right pair of 'lesser trochanter' blobs far behind the femora (a stress-cohort
+    failure: IFS 68 mm against 4 mm) loses to the smaller pair attached to the femora; with no
+    femur labelled at all, the plain left-right rule still applies."""
+    lab = np.zeros((200, 200, 10), np.uint8)
+    fem, lt = LABELS["femur"], LABELS["lesser_trochanter"]
+    lab[10:30, 20:40, 2:8] = fem
+    lab[170:190, 20:40, 2:8] = fem
+    lab[30:34, 30:34, 3:6] = lt          # attached to the left femur
+    lab[166:170, 30:34, 3:6] = lt        # attached to the right femur
+    lab[20:30, 150:160, 2:8] = lt        # detached, larger, posterior
+    lab[170:180, 150:160, 2:8] = lt
+    aff = np.diag([0.8, 0.8, 4.0, 1.0])
+    remove, removed = postprocess(lab, aff)
+    assert removed == {"lesser_trochanter": 2 * 10 * 10 * 6}
+    assert remove[20:30, 150:160, 2:8].all() and not remove[30:34, 30:34].any() and not remove[166:170].any()
+    no_femur = np.where(lab == fem, 0, lab).astype(np.uint8)
+    remove, _ = postprocess(no_femur, aff)
+    assert not remove[20:30, 150:160].any() and remove[30:34, 30:34, 3:6].all()
+
+
+def test_segment_relabels_islands_created_by_relabelling(monkeypatch, small_model):
+    """An island's runner-up class may itself form an island (a stray 'femur' blob whose second
+    choice is 'lesser trochanter'): the second post-processing pass removes that too."""
+    import pipeline.segment as seg_mod
+
+    k = len(LABELS)
+    fem, lt, om = LABELS["femur"], LABELS["lesser_trochanter"], LABELS["other_muscle"]
+    shape = (60, 24, 6)
+    logits = torch.zeros((k, *shape))
+    logits[om] = 1.0
+    for x0 in (4, 44):                   # femora, each with its lesser trochanter
+        logits[fem, x0:x0 + 10, 2:10, 1:5] = 5.0
+        logits[lt, x0 + 10:x0 + 12, 4:7, 2:4] = 6.0
+    logits[fem, 25:35, 16:22, 1:5] = 5.0  # stray femur blob behind, runner-up: lesser trochanter
+    logits[lt, 25:35, 16:22, 1:5] = 4.0
+    monkeypatch.setattr(seg_mod, "predict_logits", lambda *a, **kw: logits.clone())
+    img = Image(np.random.default_rng(0).random(shape).astype(np.float32), np.diag([1.0, 1.0, 4.0, 1.0]), "t1")
+    out = seg_mod.segment({"t1": img}, small_model).labels.array
+    assert not np.isin(out[25:35, 16:22, 1:5], (fem, lt)).any()
+    assert (out[14:16, 4:7, 2:4] == lt).all() and (out[54:56, 4:7, 2:4] == lt).all()
+
+
 @pytest.mark.parametrize("name", sorted(AFFINES))
 def test_to_reference_matches_undo_reorient(name):
     from pipeline.image import undo_reorient
