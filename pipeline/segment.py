@@ -200,8 +200,11 @@ def _distance_to_parent(lab: np.ndarray, n: int, sl: tuple, parent: np.ndarray, 
     return np.asarray(ndimage.minimum(dist, sub_lab, np.arange(1, n + 1)), float)
 
 
-def postprocess(labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
-    """Island mask per the module docstring: returns (bool mask of voxels to relabel, removed count per class)."""
+def postprocess(labels: np.ndarray, affine: np.ndarray, only=None) -> tuple[np.ndarray, dict[str, int]]:
+    """Island mask per the module docstring: returns (bool mask of voxels to relabel, removed count per class).
+
+    ``only``: label values to check (default all); the others are left as they are.
+    """
     from scipy import ndimage
 
     voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
@@ -213,7 +216,7 @@ def postprocess(labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, dic
     # parents first: a bony landmark is chosen among the components that touch its bone
     order = sorted(LABELS.items(), key=lambda kv: kv[0] not in PARENT_BONE.values())
     for name, value in order:
-        if value == 0 or value > len(objs) or objs[value - 1] is None:
+        if value == 0 or value > len(objs) or objs[value - 1] is None or (only is not None and value not in only):
             continue
         sl = objs[value - 1]
         # work inside the class bounding box (cheap), offset the affine accordingly
@@ -294,8 +297,9 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
     removed: dict[str, int] = {}
     # Islands take their next most probable class; a second pass catches islands that this
     # relabelling creates (a stray blob's runner-up class may be a landmark far from its bone).
+    only = None
     for _ in range(POSTPROCESS_PASSES):
-        remove, removed_now = postprocess(labels, grid.ref_affine)
+        remove, removed_now = postprocess(labels, grid.ref_affine, only)
         if not remove.any():
             break
         for k, v in removed_now.items():
@@ -303,6 +307,7 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
         idx = np.nonzero(remove)
         probs[(labels[idx], *idx)] = -1.0          # never this class again for these voxels
         labels[idx] = probs[(slice(None), *idx)].argmax(axis=0).astype(np.uint8)
+        only = set(np.unique(labels[idx]).tolist())
     names = label_names()
     confidence: dict[str, float] = {}
     flat_lab = labels.ravel()
