@@ -182,16 +182,16 @@ def _world_box(sl, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return w.min(0), w.max(0)
 
 
-def _distance_to_parent(lab: np.ndarray, n: int, sl: tuple, parent: np.ndarray, spacing: np.ndarray,
-                        reach_mm: float) -> np.ndarray:
-    """Shortest distance (mm, capped just above ``reach_mm``) from each component 1..n of ``lab``
-    (a box ``sl`` of the full grid) to the full-grid ``parent`` mask, looked for in the box grown
-    by ``reach_mm``."""
+def _distance_to_parent(lab: np.ndarray, n: int, sl: tuple, labels: np.ndarray, parent_value: int,
+                        removed: np.ndarray, spacing: np.ndarray, reach_mm: float) -> np.ndarray:
+    """Shortest distance (mm) from each component 1..n of ``lab`` (a box ``sl`` of the full grid)
+    to the kept voxels of class ``parent_value`` (``labels`` not ``removed``), looked for in the
+    box grown by ``reach_mm`` (farther parents read as farther than ``reach_mm``)."""
     from scipy import ndimage
 
     pad = [int(np.ceil(reach_mm / max(sp, 1e-6))) + 1 for sp in spacing]
-    big = tuple(slice(max(0, s.start - p), min(dim, s.stop + p)) for s, p, dim in zip(sl, pad, parent.shape))
-    sub_parent = parent[big]
+    big = tuple(slice(max(0, s.start - p), min(dim, s.stop + p)) for s, p, dim in zip(sl, pad, labels.shape))
+    sub_parent = (labels[big] == parent_value) & ~removed[big]
     if not sub_parent.any():
         return np.full(n, np.inf)
     sub_lab = np.zeros(sub_parent.shape, lab.dtype)
@@ -231,9 +231,8 @@ def postprocess(labels: np.ndarray, affine: np.ndarray, only=None) -> tuple[np.n
         if name in PAIRED:
             pool = np.arange(n)
             if name in PARENT_BONE:
-                pv = LABELS[PARENT_BONE[name]]
-                parent = (labels == pv) & ~remove
-                dist = _distance_to_parent(lab, n, sl, parent, spacing, ATTACHED_MM)
+                dist = _distance_to_parent(lab, n, sl, labels, LABELS[PARENT_BONE[name]], remove, spacing,
+                                           ATTACHED_MM)
                 attached = np.flatnonzero(dist <= ATTACHED_MM)
                 if attached.size:
                     pool = attached
