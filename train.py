@@ -8,6 +8,8 @@ Data layout, augmentation and outputs: see ``pipeline/training.py``. The result 
 ``RUN_DIR/best.safetensors`` + ``RUN_DIR/best.json`` (copy them to
 ``models/ifi_seg_default.*`` to make them the bundled default), ``RUN_DIR/last.*``,
 ``RUN_DIR/checkpoint.pt`` (for ``--resume``), ``RUN_DIR/log.csv`` and ``RUN_DIR/log.txt``.
+Then ``python -m pipeline.calibrate --model RUN_DIR/best.safetensors --data HELD_OUT`` fits the
+per-class logit offsets on annotated scans kept out of training (see ``pipeline/calibrate.py``).
 
 On Linux, if tcmalloc (Debian package ``libtcmalloc-minimal4``) is installed, the command
 re-executes itself with it preloaded: on small VMs glibc's allocator makes CPU training several
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_training(cfg)
     print(f"done: {summary['epochs']} epochs, best key-structure Dice {summary['best_key_dice']:.4f}, "
           f"{summary['elapsed_min']:.1f} min -> {summary['run_dir']}/best.safetensors")
+    print(f"next (optional): python -m pipeline.calibrate --model {summary['run_dir']}/best.safetensors "
+          "--data ANNOTATED_SCANS_KEPT_OUT_OF_TRAINING")
     return 0
 
 

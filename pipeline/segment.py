@@ -254,6 +254,65 @@ def postprocess(labels: np.ndarray, affine: np.ndarray, only=None) -> tuple[np.n
     return remove, removed
 
 
+def input_mode(present: dict[str, bool]) -> str:
+    """Name of an input combination, e.g. "t1+fluid", "t1", "fluid" (the channels present, in
+    the model's channel order): the key of ``inference.class_offsets``."""
+    return "+".join(c for c, ok in present.items() if ok)
+
+
+def class_offsets(meta: dict, present: dict[str, bool]) -> np.ndarray | None:
+    """Per-class logit offsets (K,) for this input combination from the model metadata
+    (``inference.class_offsets[mode][class name]``, fitted by ``pipeline.calibrate``); None when
+    the model has none for it."""
+    table = (meta.get("inference", {}).get("class_offsets") or {}).get(input_mode(present))
+    if not table:
+        return None
+    labels = meta["labels"]
+    out = np.zeros(max(int(v) for v in labels.values()) + 1, np.float32)
+    for name, value in table.items():
+        if name not in labels:
+            raise ValueError(f"class_offsets names an unknown class {name!r}")
+        out[int(labels[name])] = float(value)
+    return out
+
+
+def reference_probabilities(images: dict[str, Image], model: SegModel, reference: str | None = None,
+                            bf16: bool | None = None, mirror: bool | None = None,
+                            offsets: bool = True, timings: dict | None = None):
+    """The network's class probabilities for a scan, before post-processing.
+
+    Returns ``(inputs, probs_w, probs_t)``: the ``GridInputs`` (working grid, channels present,
+    warnings), the softmax on the working grid (K, *working shape) and on the reference image's
+    original grid (K, *reference shape), both torch float32. The model's class offsets for the
+    input combination are added to the logits first unless ``offsets`` is False.
+    """
+    import torch
+
+    from pipeline.grid import NORMALISATION, prepare_inputs
+
+    meta = model.meta
+    timings = {} if timings is None else timings
+    t0 = time.perf_counter()
+    inputs = prepare_inputs(images, meta["input_channels"], meta["working_spacing_mm"], reference,
+                            meta.get("normalisation") or NORMALISATION)
+    timings["resample"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if mirror is None:
+        mirror = bool(meta.get("inference", {}).get("mirror", False))
+    logits = predict_logits(model.net, inputs.array, meta, model.device, bf16, mirror)
+    timings["network"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    shift = class_offsets(meta, inputs.present) if offsets else None
+    if shift is not None:
+        logits += torch.from_numpy(shift)[:, None, None, None]
+    probs_w = torch.softmax(logits, dim=0)
+    probs_t = inputs.grid.to_reference(probs_w, as_tensor=True)    # (K, *ref_shape)
+    timings["postprocess"] = time.perf_counter() - t0
+    return inputs, probs_w, probs_t
+
+
 def segment(images: dict[str, Image], model: SegModel, reference: str | None = None,
             return_probabilities: bool = False, bf16: bool | None = None,
             mirror: bool | None = None) -> Segmentation:
@@ -271,26 +330,12 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
     """
     import torch
 
-    from pipeline.grid import NORMALISATION, prepare_inputs
-
-    meta = model.meta
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    inputs = prepare_inputs(images, meta["input_channels"], meta["working_spacing_mm"], reference,
-                            meta.get("normalisation") or NORMALISATION)
+    inputs, probs_w, probs_t = reference_probabilities(images, model, reference, bf16, mirror,
+                                                       timings=timings)
     warnings = list(inputs.warnings)
-    timings["resample"] = time.perf_counter() - t0
-
     t0 = time.perf_counter()
-    if mirror is None:
-        mirror = bool(meta.get("inference", {}).get("mirror", False))
-    logits = predict_logits(model.net, inputs.array, meta, model.device, bf16, mirror)
-    timings["network"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    probs_w = torch.softmax(logits, dim=0)
     grid = inputs.grid
-    probs_t = grid.to_reference(probs_w, as_tensor=True)    # (K, *ref_shape)
     labels = probs_t.argmax(dim=0).to(torch.uint8).numpy()
     probs = probs_t.numpy()
     removed: dict[str, int] = {}
@@ -326,11 +371,11 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
     if removed:
         warnings.append("post-processing removed islands: "
                         + ", ".join(f"{k} {v} voxels" for k, v in sorted(removed.items())))
-    timings["postprocess"] = time.perf_counter() - t0
+    timings["postprocess"] += time.perf_counter() - t0
 
     ref_name = grid.reference
     lab_img = Image(labels, grid.ref_affine.copy(), "labels",
-                    {"reference": ref_name, "model": model.path, "model_version": meta.get("version")})
+                    {"reference": ref_name, "model": model.path, "model_version": model.meta.get("version")})
     return Segmentation(lab_img, confidence, warnings, timings,
                         probs_w.numpy() if return_probabilities else None,
                         grid.affine.copy() if return_probabilities else None, ref_name)

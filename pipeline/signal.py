@@ -10,7 +10,9 @@ partial volume with the surrounding fat or fluid does not enter the statistics.
   voxels above it and the ratio of median QF to median reference signal grade it (the
   quantitative-STIR method of the muscle literature; ``MeasureConfig`` holds the thresholds).
 * Fat: with Dixon, fat / (fat + water) per voxel averaged over the QF; without, the QF's mean
-  T1 signal mapped linearly between reference muscle and subcutaneous fat. Goutallier grade from
+  T1 signal mapped between reference muscle and subcutaneous fat. Both average over the QF's
+  core (``MeasureConfig.fat_core_depth_mm`` deep in-plane), so that an outline straying into
+  the surrounding fat does not read as fatty infiltration. Goutallier grade from
   ``MeasureConfig.goutallier_grade``.
 * Atrophy: QF volume (ml) and largest cross-sectional area in the label map's slices (mm^2).
 """
@@ -201,7 +203,8 @@ def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
     # in-plane erosion only: also dropping the QF's first / last label slices (partial volume
     # at its ends) samples a heterogeneous muscle (fat streaks vary along it) so unevenly that
     # it costs more than it saves (phantom cohort: fat-fraction MAE 0.066 with, 0.02 without)
-    m = erode_inplane(qf, label_affine, cfg.min_signal_voxels, image_depth_mm(fat))
+    m = erode_inplane(qf, label_affine, cfg.min_signal_voxels,
+                      max(image_depth_mm(fat), cfg.fat_core_depth_mm))
     f = sample_in_mask(fat, m, label_affine)
     w = sample_in_mask(water, m, label_affine)
     sigma = None
@@ -227,7 +230,9 @@ def fat_t1(t1: Image, qf: Mask, reference: Mask | None, subcut: Mask | None,
         missing = "reference muscle" if reference is None else "subcutaneous fat"
         return {"fat_fraction": None, "method": "t1_calibrated",
                 "reason": f"no {missing} in the label map to calibrate T1"}
-    q = sample_in_mask(t1, erode_inplane(qf, label_affine, cfg.min_signal_voxels), label_affine)
+    q = sample_in_mask(t1, erode_inplane(qf, label_affine, cfg.min_signal_voxels,
+                                         max(image_depth_mm(t1), cfg.fat_core_depth_mm)),
+                       label_affine)
     r = sample_in_mask(t1, erode_inplane(reference, label_affine, cfg.min_signal_voxels),
                        label_affine)
     f = sample_in_mask(t1, erode_inplane(subcut, label_affine, cfg.min_signal_voxels),

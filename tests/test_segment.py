@@ -247,3 +247,35 @@ def test_resample_linear_matches_scipy(name):
     interior = (ref != 0) & (ours != 0)
     assert interior.sum() > 1000
     np.testing.assert_allclose(ours[interior], ref[interior], atol=1e-4)
+
+
+def test_class_offsets_move_a_class_boundary_for_their_input_combination(monkeypatch, small_model):
+    """A negative logit offset for the lesser trochanter shrinks it, only for the input
+    combination the offset was fitted for; an unknown class name is an error."""
+    import copy
+
+    import pipeline.segment as seg_mod
+
+    k = len(LABELS)
+    lt, om = LABELS["lesser_trochanter"], LABELS["other_muscle"]
+    shape = (30, 12, 4)
+    logits = torch.zeros((k, *shape))
+    logits[om] = 0.0
+    logits[lt] = torch.linspace(3.0, -3.0, shape[0])[:, None, None]   # LT where x < 15
+    for c in range(k):
+        if c not in (lt, om):
+            logits[c] = -20.0
+    monkeypatch.setattr(seg_mod, "predict_logits", lambda *a, **kw: logits.clone())
+    img = Image(np.random.default_rng(0).random(shape).astype(np.float32), np.diag([1.0, 1.0, 4.0, 1.0]), "t1")
+    model = copy.copy(small_model)
+    model.meta = copy.deepcopy(small_model.meta)
+    base = (seg_mod.segment({"t1": img}, model).labels.array == lt).sum()
+    model.meta["inference"]["class_offsets"] = {"t1": {"lesser_trochanter": -1.0}}
+    shrunk = (seg_mod.segment({"t1": img}, model).labels.array == lt).sum()
+    assert 0 < shrunk < base
+    assert shrunk == pytest.approx(base - 5 * shape[1] * shape[2], abs=shape[1] * shape[2])
+    model.meta["inference"]["class_offsets"] = {"t1+fluid": {"lesser_trochanter": -1.0}}
+    assert (seg_mod.segment({"t1": img}, model).labels.array == lt).sum() == base
+    model.meta["inference"]["class_offsets"] = {"t1": {"lesser_trochanters": -1.0}}
+    with pytest.raises(ValueError, match="unknown class"):
+        seg_mod.segment({"t1": img}, model)

@@ -122,3 +122,24 @@ def test_goutallier_bounds_single_definition():
     assert [goutallier_grade(x) for x in (0.0, b[0] - 1e-6, b[0], b[1] + 0.01, b[2] + 0.01, 0.99)] \
         == [0, 0, 1, 2, 3, 4]
     assert goutallier_grade(None) is None
+
+
+def test_fat_fraction_ignores_an_outline_straying_into_fat():
+    """A healthy QF (fat fraction 0.03) outlined two voxels (1.6 mm) too wide into the fat around
+    it: the core average stays grade 0; averaging all but the outer voxel reads grade 1."""
+    cfg = MeasureConfig()
+    s_m, s_f = 300.0, 1000.0
+    t1 = np.full((60, 60, 12), s_f, np.float32)      # fat everywhere around
+    t1[REF.array] = s_m
+    t1[QF.array] = s_m                               # muscle of the reference's fat fraction
+    wide = _box((8, 8, 2), (32, 32, 10))
+    out = signal.fat_t1(Image(t1, AFF), wide, REF, FAT, AFF, cfg)
+    assert out["fat_fraction"] == pytest.approx(cfg.t1_reference_muscle_ff, abs=1e-6)
+    assert cfg.goutallier_grade(out["fat_fraction"]) == 0
+    thin = signal.fat_t1(Image(t1, AFF), wide, REF, FAT, AFF, MeasureConfig(fat_core_depth_mm=0.0))
+    assert cfg.goutallier_grade(thin["fat_fraction"]) >= 1
+    # Dixon takes the same core
+    fat = np.where(t1 == s_f, 90.0, 3.0).astype(np.float32)
+    water = (100.0 - fat).astype(np.float32)
+    dx = signal.fat_dixon(Image(fat, AFF), Image(water, AFF), wide, AFF, cfg)
+    assert dx["fat_fraction"] == pytest.approx(0.03, abs=1e-6)
