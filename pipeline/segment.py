@@ -306,7 +306,7 @@ def reference_probabilities(images: dict[str, Image], model: SegModel, reference
     t0 = time.perf_counter()
     shift = class_offsets(meta, inputs.present) if offsets else None
     if shift is not None:
-        logits += torch.from_numpy(shift)[:, None, None, None]
+        logits = logits + torch.from_numpy(shift)[:, None, None, None]   # logits may be an inference tensor
     probs_w = torch.softmax(logits, dim=0)
     probs_t = inputs.grid.to_reference(probs_w, as_tensor=True)    # (K, *ref_shape)
     timings["postprocess"] = time.perf_counter() - t0

@@ -279,3 +279,8 @@ def test_class_offsets_move_a_class_boundary_for_their_input_combination(monkeyp
     model.meta["inference"]["class_offsets"] = {"t1": {"lesser_trochanters": -1.0}}
     with pytest.raises(ValueError, match="unknown class"):
         seg_mod.segment({"t1": img}, model)
+    # the real network's output (an inference tensor, in float32 and in bfloat16) takes them too
+    monkeypatch.undo()
+    model.meta["inference"]["class_offsets"] = {"t1": {"lesser_trochanter": -1.0}}
+    for bf16 in (False, True):
+        assert seg_mod.segment({"t1": img}, model, bf16=bf16).labels.shape == shape
