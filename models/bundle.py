@@ -76,9 +76,18 @@ def save_bundle(path: str | Path, model: torch.nn.Module, metadata: dict) -> tup
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     header = {"format": str(BUNDLE_FORMAT), "name": str(metadata.get("name", "ifi_seg"))}
     atomic_write(weights, lambda tmp: save_file(state, tmp, metadata=header))
+    save_metadata(path, metadata)
+    return weights, meta_path
+
+
+def save_metadata(path: str | Path, metadata: dict) -> Path:
+    """Write a bundle's ``<path>.json`` atomically (the weights are left as they are)."""
+    from pipeline.image import atomic_write
+
+    _, meta_path = bundle_paths(path)
     text = json.dumps(metadata, indent=2, default=str) + "\n"
     atomic_write(meta_path, lambda tmp: Path(tmp).write_text(text))
-    return weights, meta_path
+    return meta_path
 
 
 def load_metadata(path: str | Path) -> dict:

@@ -158,7 +158,7 @@ def calibrate(model_path: str | Path, data: str | Path, modes=MODES, limit: int 
     """Fit the class offsets of a bundle for each input combination on annotated scans and write
     them into its metadata (at ``out``, weights copied, or in place). Returns the calibration
     record stored under ``meta["calibration"]``."""
-    from models.bundle import bundle_paths, load_metadata, save_bundle
+    from models.bundle import load_metadata, save_bundle, save_metadata
     from pipeline.segment import load_model
     from pipeline.training import read_dataset
 
@@ -184,12 +184,7 @@ def calibrate(model_path: str | Path, data: str | Path, modes=MODES, limit: int 
     meta.setdefault("inference", {})["class_offsets"] = offsets
     meta["calibration"] = record
     if out is None:
-        from pipeline.image import atomic_write
-        import json
-
-        _, meta_path = bundle_paths(model_path)
-        text = json.dumps(meta, indent=2, default=str) + "\n"
-        atomic_write(meta_path, lambda tmp: Path(tmp).write_text(text))
+        save_metadata(model_path, meta)
     else:
         save_bundle(out, model.net, meta)
     return record

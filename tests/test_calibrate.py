@@ -81,4 +81,10 @@ def test_calibrate_writes_offsets_per_input_combination(tmp_path):
     a, b = load_file(str(tmp_path / "m.safetensors")), load_file(str(tmp_path / "cal.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "class_offsets" not in json.loads((tmp_path / "m.json").read_text())["inference"]
+    # without --out the bundle's JSON is rewritten in place, with the description
+    assert main(["--model", str(tmp_path / "m.safetensors"), "--data", str(tmp_path), "--modes", "t1",
+                 "--description", "two boxes"]) == 0
+    inplace = json.loads((tmp_path / "m.json").read_text())
+    assert set(inplace["inference"]["class_offsets"]) == {"t1"}
+    assert inplace["calibration"]["description"] == "two boxes"
     assert main(["--model", str(tmp_path / "absent.safetensors"), "--data", str(tmp_path)]) == 2
