@@ -73,18 +73,16 @@ def collect_case(rec: dict, model, mode: str, margin_mm: float = MARGIN_MM,
     """Run the network (without offsets) on one subject in one input combination and keep what
     the fit needs; None when the subject lacks an image of that combination or the calibrated
     structures."""
-    from pipeline.image import Image, load_nifti, resample_to_grid
-    from pipeline.labels import read_label_table, remap_to_project
+    from pipeline.image import Image, resample_to_grid
     from pipeline.segment import reference_probabilities
+    from pipeline.training import load_subject_labels
 
     images = _images(rec, mode)
     if not images:
         return None
     inputs, _, probs_t = reference_probabilities(images, model, offsets=False)
     grid = inputs.grid
-    lab = load_nifti(rec["labels"], "labels")
-    if rec.get("label_table"):
-        lab = lab.with_array(remap_to_project(lab.array, read_label_table(rec["label_table"])))
+    lab = load_subject_labels(rec)
     truth = resample_to_grid(Image(np.rint(lab.array).astype(np.int16), lab.affine, "labels"),
                              grid.ref_shape, grid.ref_affine, order=0).array
     key = np.isin(truth, [LABELS[n] for n in CALIBRATED])

@@ -123,12 +123,20 @@ def preprocess_subject(rec: dict, meta: dict) -> dict:
     if rec.get("fluid"):
         images["fluid"] = load_nifti(rec["fluid"])
     inp = prepare_inputs(images, meta["input_channels"], meta["working_spacing_mm"], None, meta["normalisation"])
+    lab = load_subject_labels(rec)
+    return {"image": inp.array.astype(np.float16), "label": labels_to_grid(lab, inp.grid)[None]}
+
+
+def load_subject_labels(rec: dict):
+    """A subject's label map in project values (remapped through its ``label_table`` if any)."""
+    from pipeline.image import load_nifti
+
     lab = load_nifti(rec["labels"], "labels")
     if rec.get("label_table"):
-        lab = lab.with_array(remap_to_project(lab.array, read_label_table(rec["label_table"])))
-    elif lab.array.max() >= NUM_CLASSES:
+        return lab.with_array(remap_to_project(lab.array, read_label_table(rec["label_table"])))
+    if lab.array.max() >= NUM_CLASSES:
         raise ValueError(f"{rec['labels']}: values above {NUM_CLASSES - 1}; give a label_table column")
-    return {"image": inp.array.astype(np.float16), "label": labels_to_grid(lab, inp.grid)[None]}
+    return lab
 
 
 class LoadCachedSubjectd(Transform):
