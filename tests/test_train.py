@@ -157,6 +157,46 @@ def test_augmentations_channel_dropout_and_domain_randomisation():
     assert inside.std() < 0.2 and not torch.allclose(out[0], one[0])
 
 
+def test_spatial_augmentations_move_image_and_labels_together(tmp_path):
+    """Every spatial step of the training chain (flip, affine, grid distortion, elastic field),
+    forced on, must deform the image and the label map alike: away from label edges the image,
+    made from the labels, still reads the label value under it."""
+    from monai.transforms import RandAffined, RandFlipd, RandGridDistortiond, Rand3DElasticd
+
+    from models.bundle import default_metadata
+    from pipeline.training import train_transforms
+
+    patch = (32, 32, 8)
+    chain = train_transforms(default_metadata(patch_size=list(patch)), tmp_path, 1, patch)
+    spatial = [t for t in chain.transforms
+               if isinstance(t, (RandFlipd, RandAffined, RandGridDistortiond, Rand3DElasticd))]
+    assert {type(t) for t in spatial} == {RandFlipd, RandAffined, RandGridDistortiond, Rand3DElasticd}
+    for t in spatial:
+        t.prob = 1.0
+    lab = torch.zeros(1, *patch)
+    lab[0, 6:20, 5:14, 1:7] = LABELS["quadratus_femoris"]
+    lab[0, 14:28, 18:28, 2:7] = LABELS["lesser_trochanter"]
+    lab[0, 2:10, 20:30, 1:6] = LABELS["ischial_tuberosity"]    # inside the patch: no padding at play
+    img = torch.cat([lab * 0.1, lab * 0.05])
+    pool = torch.nn.functional.max_pool3d
+    for t in spatial:                        # one at a time: chained interpolations blur further
+        acted = 0
+        for seed in range(4):
+            t.set_random_state(seed)
+            out = t({"image": img.clone(), "label": lab.clone()})
+            o_img, o_lab = torch.as_tensor(out["image"]), torch.as_tensor(out["label"])
+            assert o_img.shape[1:] == patch and o_lab.shape[1:] == patch
+            assert set(torch.unique(o_lab).tolist()) <= {0.0, *(float(v) for v in LABELS.values())}
+            acted += int(not torch.allclose(o_img, img))    # the elastic step moves < 1 voxel here
+            inner = (pool(o_lab[None], 3, 1, 1) == -pool(-o_lab[None], 3, 1, 1))[0, 0]
+            inner[[0, -1]] = False                                   # edges at the border go unseen
+            inner[:, [0, -1]] = False
+            inner[:, :, [0, -1]] = False
+            assert torch.allclose(o_img[0][inner], o_lab[0][inner] * 0.1, atol=0.02), type(t).__name__
+            assert torch.allclose(o_img[1][inner], o_lab[0][inner] * 0.05, atol=0.01), type(t).__name__
+        assert acted, type(t).__name__                                      # it did move something
+
+
 def test_cache_dataset_caches_the_deterministic_head(tmp_path):
     """MONAI's CacheDataset caches up to the first random or non-Transform step: the subject loading,
     padding and class indices must all be cached, or every step recomputes them."""
