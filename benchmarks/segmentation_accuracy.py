@@ -12,8 +12,9 @@ only) it segments the scan and reports:
   none of that class (> 100 mm^3 counts as confusion), (b) a measured hip whose IFS points lie
   nearer to the other truth hip;
 * end to end: ``pipeline.measure.measure_hips`` on the predicted labels vs ``truth.json``
-  (IFS ``ifs_3d_mm``, QFS ``qfs_3d_mm``, edema grade, Goutallier grade); the same on the true
-  label map (``--truth-labels``) separates segmentation error from measurement error.
+  (IFS ``ifs_3d_mm``, QFS ``qfs_3d_mm``, edema grade, Goutallier grade), the QFS error also
+  split by the module's plausibility check (``qfs_plausible``: false when QFS > IFS); the same
+  on the true label map (``--truth-labels``) separates segmentation error from measurement error.
 
 Prints a summary (means per mode) against the targets of the issue; writes one CSV row per
 subject, mode and side with ``--out``.
@@ -134,6 +135,7 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
                     rec[key] = mv
                     rec[f"{key}_truth"] = tv
                     rec[f"{key}_abs_err"] = abs(mv - tv) if mv is not None and tv is not None else None
+                rec["qfs_plausible"] = m.get("qfs_plausible")
                 ed = (m.get("qf_edema") or {}).get("grade")
                 rec["edema_grade"], rec["edema_truth"] = ed, t.get("qf_edema")
                 rec["goutallier"], rec["goutallier_truth"] = m.get("qf_goutallier_grade"), t.get("qf_goutallier_grade")
@@ -167,6 +169,13 @@ def summarise(rows: list[dict]) -> str:
             if e.size:
                 lines.append(f"  {key[:3].upper()} MAE {e.mean():.2f} mm (median {np.median(e):.2f}, max {e.max():.2f}, "
                              f"n={e.size}, not measured {n_missing}) target <= 1.0: {'OK' if e.mean() <= 1.0 else 'MISS'}")
+        # the measurement module's plausibility check (QFS > IFS: missed hamstring origin)
+        for label, keep in (("plausible", True), ("marked implausible", False)):
+            e = np.array([r["qfs_mm_abs_err"] for r in sd
+                          if r.get("qfs_mm_abs_err") is not None and r.get("qfs_plausible") is keep], float)
+            if e.size:
+                lines.append(f"    QFS MAE on hips whose QFS is {label}: {e.mean():.2f} mm "
+                             f"(median {np.median(e):.2f}, max {e.max():.2f}, n={e.size})")
         conf = sum(int(r.get("lr_confusion") or 0) for r in rs + sd)
         lines.append(f"  left/right confusions: {conf}")
         for key in ("edema_grade", "goutallier"):

@@ -41,6 +41,11 @@ class MeasureConfig:
     ifs_cutoff_source: str = "singer2015"
     qfs_cutoff_mm: float = 10.0
     qfs_cutoff_source: str = "singer2015"
+    # QFS is taken from the hamstring origin, which sits on the ischial tuberosity inside the
+    # ischiofemoral space, so a QFS above the IFS (by more than this, mm) is anatomically
+    # implausible: it means part of the hamstring origin was missed. Such a QFS is kept but
+    # marked (``qfs_plausible`` false) with a warning.
+    qfs_above_ifs_tolerance_mm: float = 1.0
     # Edema: reference upper limit = this percentile of the reference muscle's intensities
     edema_reference_percentile: float = 97.5
     # Share of QF voxels above that limit. The STIR literature calls a muscle positive above

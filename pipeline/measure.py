@@ -12,7 +12,8 @@ Record (JSON-serialisable)::
 
 Each hip: side, present, ifs_mm (3D), ifs_axial_mm, ifs_points / ifs_axial_points ([IT point,
 LT point]), ifs_slice / ifs_axial_slice (index along the label map's slice axis), the same for
-qfs (hamstring tendon -> lesser trochanter or iliopsoas tendon), qf_volume_ml, qf_max_csa_mm2,
+qfs (hamstring tendon -> lesser trochanter or iliopsoas tendon), qfs_plausible (false when the
+QFS exceeds the IFS: a missed hamstring origin), qf_volume_ml, qf_max_csa_mm2,
 qf_volume_ratio_contralateral, qf_edema {grade, signal_ratio, fraction_above_reference, ...},
 qf_fat_fraction, qf_fat_method, qf_goutallier_grade, pose, flags, warnings, reasons.
 """
@@ -92,6 +93,21 @@ def _put_distance(rec: dict, key: str, d3, dax, missing: str) -> None:
         rec["reasons"][f"{key}_axial"] = "no slice holds both structures"
 
 
+def _qfs_plausible(rec: dict, cfg: MeasureConfig) -> bool | None:
+    """False (with a warning) when the QFS exceeds the IFS: the hamstring origin lies on the
+    ischial tuberosity, so that points to a hamstring origin missed by the segmentation."""
+    qfs, ifs = rec["qfs_mm"], rec["ifs_mm"]
+    if qfs is None or ifs is None:
+        return None
+    if qfs <= ifs + cfg.qfs_above_ifs_tolerance_mm:
+        return True
+    rec["warnings"].append(
+        f"QFS {qfs:.1f} mm exceeds IFS {ifs:.1f} mm, which is anatomically implausible (the "
+        "hamstring origin lies on the ischial tuberosity): part of the hamstring origin was "
+        "probably not segmented and the QFS is likely overestimated; check its points")
+    return False
+
+
 def _empty_hip(side: str, reason: str) -> dict:
     rec = {"side": side, "present": False, "reasons": {"hip": reason}, "flags": [],
            "warnings": [reason], "pose": {"reason": reason}, "qf_edema": {
@@ -100,7 +116,7 @@ def _empty_hip(side: str, reason: str) -> dict:
     for key in ("ifs", "qfs"):
         for suffix in ("mm", "points", "slice", "axial_mm", "axial_points", "axial_slice"):
             rec[f"{key}_{suffix}"] = None
-    rec.update(qf_volume_ml=None, qf_max_csa_mm2=None, qf_max_csa_slice=None,
+    rec.update(qfs_plausible=None, qf_volume_ml=None, qf_max_csa_mm2=None, qf_max_csa_slice=None,
                qf_volume_ratio_contralateral=None, qf_fat_fraction=None, qf_fat_method=None,
                qf_goutallier_grade=None)
     return rec
@@ -158,6 +174,7 @@ def _measure_hip(side: str, hip: dict, other: dict | None, labels: Image, images
     d3, dax = _pair(ht, [lt, ip], aff, shape, ax)
     _put_distance(rec, "qfs", d3, dax, "needs hamstring_tendon and lesser_trochanter or "
                   "iliopsoas_tendon")
+    rec["qfs_plausible"] = _qfs_plausible(rec, cfg)
 
     qf = hip.get("quadratus_femoris")
     rec.update(signal.atrophy(qf, aff))

@@ -28,7 +28,7 @@ from pipeline.labels import LABELS, write_label_table
 SIDES = ("right", "left")
 #: Scalar per-hip fields, in the column order of cohort.csv (others follow in first-seen order).
 HIP_COLUMNS = (
-    "ifs_mm", "ifs_axial_mm", "qfs_mm", "qfs_axial_mm", "ifs_slice", "qf_volume_ml",
+    "ifs_mm", "ifs_axial_mm", "qfs_mm", "qfs_axial_mm", "qfs_plausible", "ifs_slice", "qf_volume_ml",
     "qf_edema_grade", "qf_edema_signal_ratio", "qf_edema_fraction_above_reference",
     "qf_fat_fraction", "qf_goutallier_grade",
 )
@@ -212,6 +212,8 @@ def save_qc_png(path, display: Image, labels: Image, record: dict, dpi: int = 90
             ax.plot(v[:, 0], v[:, 1], "-o", color=colour, lw=1.8, ms=3)
             mid = v[:, :2].mean(axis=0)
             off = "" if abs(v[:, 2].mean() - k) < 0.75 else f" [slice {int(np.rint(v[:, 2].mean()))}]"
+            if key == "qfs" and hip.get("qfs_plausible") is False:
+                extra += " IMPLAUSIBLE (> IFS)"
             ax.annotate(f"{label} {mm:.1f} mm{extra}{off}", mid, xytext=(0, 8 if key == "ifs" else -14),
                         textcoords="offset points", color=colour, fontsize=9, ha="center",
                         fontweight="bold")
@@ -342,7 +344,10 @@ def _thumbnail_uri(png_path: Path, width: int = 420) -> str | None:
 
 
 def _measure_value(row: dict, key: str):
-    """The axial value of a distance (what the published cut-offs refer to), else the 3D one."""
+    """The axial value of a distance (what the published cut-offs refer to), else the 3D one;
+    None for a QFS marked implausible (larger than the IFS: a missed hamstring origin)."""
+    if key == "qfs" and row.get("qfs_plausible") is False:
+        return None
     for k in (f"{key}_axial_mm", f"{key}_mm"):
         v = row.get(k)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -377,17 +382,19 @@ def _distribution_plot(rows: list[dict], config) -> str:
 
 
 def _side_summary(rows: list[dict]) -> str:
-    """HTML table: per side the number of hips, median axial IFS / QFS and flagged hips."""
+    """HTML table: per side the number of hips, median axial IFS / QFS, hips whose QFS was left
+    out as implausible, and flagged hips."""
     out = ["<table><tr><th>side</th><th>hips</th><th>median IFS mm</th><th>median QFS mm</th>"
-           "<th>flagged</th></tr>"]
+           "<th>QFS implausible (left out)</th><th>flagged</th></tr>"]
     for side in SIDES:
         rs = [r for r in rows if r["side"] == side]
         meds = []
         for key in ("ifs", "qfs"):
             vals = [v for r in rs for v in [_measure_value(r, key)] if v is not None]
             meds.append(f"{np.median(vals):.1f}" if vals else "")
+        implausible = sum(1 for r in rs if r.get("qfs_plausible") is False)
         out.append(f"<tr><td>{side}</td><td>{len(rs)}</td><td>{meds[0]}</td><td>{meds[1]}</td>"
-                   f"<td>{sum(1 for r in rs if r.get('flags'))}</td></tr>")
+                   f"<td>{implausible}</td><td>{sum(1 for r in rs if r.get('flags'))}</td></tr>")
     out.append("</table>")
     return "".join(out)
 
@@ -451,7 +458,10 @@ def write_report_html(path, out_dir, records: list[dict], rows: list[dict], erro
         "shortest distance between the hamstring tendons and the lesser trochanter / iliopsoas tendon. "
         "Both are given as a 3D shortest distance and on the narrowest axial slice, with their end points; "
         "flags and the plots use the axial value (as the published cut-offs do), the 3D value when no "
-        "axial slice holds both structures. "
+        "axial slice holds both structures. A QFS larger than the IFS (by more than "
+        f"{config.qfs_above_ifs_tolerance_mm:g} mm) is anatomically implausible, since the hamstring origin lies "
+        "on the ischial tuberosity; it usually means part of the hamstring origin was not segmented, so such a "
+        "QFS is marked <code>qfs_plausible</code> false in cohort.csv and left out of the QFS summaries. "
         f"IFS is flagged at &le; {config.ifs_cutoff_mm:g} mm ({esc(config.source_text(config.ifs_cutoff_source))}); "
         f"QFS at &le; {config.qfs_cutoff_mm:g} mm ({esc(config.source_text(config.qfs_cutoff_source))}). "
         f"Quadratus femoris edema: {esc(config.source_text(config.edema_source))}; reference muscle gluteus "

@@ -109,6 +109,14 @@ def _num(v: Any) -> float:
     return f if math.isfinite(f) else float("nan")
 
 
+def norm_bool(v: Any) -> bool | None:
+    """True/False from a bool or its CSV spelling (true/false, 1/0, yes/no); else None."""
+    if isinstance(v, bool) or v is None:
+        return v
+    word = str(v).strip().lower()
+    return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(word)
+
+
 def norm_edema(v: Any) -> str | None:
     """Edema grade as 'none'/'mild'/'marked' from words, 0/1/2 or a dict with ``grade``; else None."""
     if isinstance(v, dict):
@@ -169,6 +177,8 @@ def hip_record(hip: dict, source: str) -> dict:
     if rec["qf_edema"] is None and isinstance(edema, bool):
         rec["qf_edema_present"] = edema
     rec["qf_goutallier_grade"] = norm_grade(hip.get("qf_goutallier_grade"))
+    if source == "tool":
+        rec["qfs_plausible"] = norm_bool(hip.get("qfs_plausible"))
     return rec
 
 
@@ -546,36 +556,53 @@ def _fmt_ci(ci) -> str:
 
 def agreement_table(pairs: list[dict], cfg: MeasureConfig, icc_form: str = S.DEFAULT_ICC_FORM,
                     n_boot: int = S.DEFAULT_BOOTSTRAP, seed: int = S.DEFAULT_SEED) -> list[dict]:
-    """One row per continuous measure with Bland-Altman, MAE (bootstrap CI), ICC and Pearson r."""
+    """One row per continuous measure with Bland-Altman, MAE (bootstrap CI), ICC and Pearson r;
+    for QFS also a row without the values the tool marked implausible (``qfs_plausible`` false)."""
     rows = []
     for m in MEASURES:
         ta, rb = _col(pairs, f"tool_{m.name}"), _col(pairs, f"ref_{m.name}")
-        a, b = S.paired_finite(ta, rb)
-        n = int(a.size)
-        if n == 0:
-            continue
-        row: dict[str, Any] = {"measure": m.name, "label": m.label, "unit": m.unit, "n": n,
-                               # matched hips where only one side has a value (e.g. the tool could not measure)
-                               "n_tool_missing": int(np.sum(np.isfinite(rb) & ~np.isfinite(ta))),
-                               "n_reference_missing": int(np.sum(np.isfinite(ta) & ~np.isfinite(rb))),
-                               "mae": S.mae(a, b)}
-        boot = S.bootstrap_ci(lambda x, y: float(np.mean(np.abs(x - y))), a, b, n_boot=n_boot, seed=seed)
-        row.update(mae_ci_low=boot.low, mae_ci_high=boot.high, mae_ci_note=boot.skipped or
-                   f"percentile bootstrap, {boot.n_boot} resamples, seed {seed}")
-        if n >= 2:
-            ba = S.bland_altman(a, b)
-            row.update(bias=ba.bias, bias_ci_low=ba.bias_ci[0], bias_ci_high=ba.bias_ci[1], sd_diff=ba.sd,
-                       loa_low=ba.loa_low, loa_low_ci_low=ba.loa_low_ci[0], loa_low_ci_high=ba.loa_low_ci[1],
-                       loa_high=ba.loa_high, loa_high_ci_low=ba.loa_high_ci[0], loa_high_ci_high=ba.loa_high_ci[1])
-            try:
-                ic = S.icc(np.column_stack([b, a]), icc_form)
-                row.update(icc_form=ic.form, icc=ic.icc, icc_ci_low=ic.ci[0], icc_ci_high=ic.ci[1])
-            except ValueError as exc:
-                row.update(icc_form=icc_form, icc=float("nan"), icc_note=str(exc))
-            pr = S.pearson(a, b)
-            row.update(pearson_r=pr.r, pearson_ci_low=pr.ci[0], pearson_ci_high=pr.ci[1], pearson_p=pr.p_value)
-        rows.append(row)
+        row = _agreement_row(m.name, m.label, m.unit, ta, rb, icc_form, n_boot, seed)
+        if row is not None:
+            rows.append(row)
+        if m.name.startswith("qfs"):
+            # the same QFS without the values the tool itself marked implausible (QFS > IFS)
+            keep = np.array([p.get("tool_qfs_plausible") is not False for p in pairs], bool)
+            if not keep.all():
+                row = _agreement_row(f"{m.name}_plausible", f"{m.label}, tool-marked implausible QFS left out",
+                                     m.unit, ta[keep], rb[keep], icc_form, n_boot, seed)
+                if row is not None:
+                    rows.append(row)
     return rows
+
+
+def _agreement_row(name: str, label: str, unit: str, ta: np.ndarray, rb: np.ndarray, icc_form: str,
+                   n_boot: int, seed: int) -> dict | None:
+    """Bland-Altman, MAE (bootstrap CI), ICC and Pearson r of tool values ``ta`` against ``rb``."""
+    a, b = S.paired_finite(ta, rb)
+    n = int(a.size)
+    if n == 0:
+        return None
+    row: dict[str, Any] = {"measure": name, "label": label, "unit": unit, "n": n,
+                           # matched hips where only one side has a value (e.g. the tool could not measure)
+                           "n_tool_missing": int(np.sum(np.isfinite(rb) & ~np.isfinite(ta))),
+                           "n_reference_missing": int(np.sum(np.isfinite(ta) & ~np.isfinite(rb))),
+                           "mae": S.mae(a, b)}
+    boot = S.bootstrap_ci(lambda x, y: float(np.mean(np.abs(x - y))), a, b, n_boot=n_boot, seed=seed)
+    row.update(mae_ci_low=boot.low, mae_ci_high=boot.high, mae_ci_note=boot.skipped or
+               f"percentile bootstrap, {boot.n_boot} resamples, seed {seed}")
+    if n >= 2:
+        ba = S.bland_altman(a, b)
+        row.update(bias=ba.bias, bias_ci_low=ba.bias_ci[0], bias_ci_high=ba.bias_ci[1], sd_diff=ba.sd,
+                   loa_low=ba.loa_low, loa_low_ci_low=ba.loa_low_ci[0], loa_low_ci_high=ba.loa_low_ci[1],
+                   loa_high=ba.loa_high, loa_high_ci_low=ba.loa_high_ci[0], loa_high_ci_high=ba.loa_high_ci[1])
+        try:
+            ic = S.icc(np.column_stack([b, a]), icc_form)
+            row.update(icc_form=ic.form, icc=ic.icc, icc_ci_low=ic.ci[0], icc_ci_high=ic.ci[1])
+        except ValueError as exc:
+            row.update(icc_form=icc_form, icc=float("nan"), icc_note=str(exc))
+        pr = S.pearson(a, b)
+        row.update(pearson_r=pr.r, pearson_ci_low=pr.ci[0], pearson_ci_high=pr.ci[1], pearson_p=pr.p_value)
+    return row
 
 
 def flag_table(pairs: list[dict], cfg: MeasureConfig) -> list[dict]:

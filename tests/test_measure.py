@@ -133,3 +133,22 @@ def test_cli_with_own_label_numbering(bilateral, tmp_path, capsys):
     rec = json.loads(capsys.readouterr().out)
     assert rec["hips"]["left"]["ifs_mm"] is None
     assert main(["--labels", str(tmp_path / "missing.nii.gz")]) == 2
+
+
+def test_qfs_larger_than_ifs_is_marked_implausible():
+    # Left: QFS 16 mm against an IFS of 11 mm, as when the network misses the hamstring origin
+    # on the ischial tuberosity; right: a normal hip (QFS < IFS).
+    img, _ = labels_image((0.8, 0.8, 4.0), ifs=(11.0, 22.0), qfs=(16.0, 15.0))
+    rec = measure_hips(img)
+    left, right = rec["hips"]["left"], rec["hips"]["right"]
+    assert left["qfs_mm"] == pytest.approx(16.0, abs=0.4)     # the value itself is kept
+    assert left["qfs_plausible"] is False
+    assert any("exceeds IFS" in w and "hamstring" in w for w in left["warnings"])
+    assert right["qfs_plausible"] is True
+    assert not any("exceeds IFS" in w for w in right["warnings"])
+    lenient = measure_hips(img, config=MeasureConfig(qfs_above_ifs_tolerance_mm=6.0))
+    assert lenient["hips"]["left"]["qfs_plausible"] is True
+    # without an IFS there is nothing to check against
+    arr = img.array.copy()
+    arr[arr == LABELS["ischial_tuberosity"]] = 0
+    assert measure_hips(Image(arr, img.affine))["hips"]["left"]["qfs_plausible"] is None

@@ -209,3 +209,25 @@ def test_overlap_metrics_match_monai_metric_classes():
     assert m["hd95_mm"] == pytest.approx(float(hd.reshape(-1)[0]), rel=1e-5)
     assert m["msd_mm"] == pytest.approx(float(msd.reshape(-1)[0]), rel=1e-5)
     assert m["dice"] == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
+def test_qfs_agreement_also_without_tool_marked_implausible_values(tmp_path):
+    # the tool's per-hip cohort.csv: one hip's QFS is 12 mm too large and marked implausible
+    rows = [{"subject": f"s{i}", "side": side, "ifs_mm": 20.0 + i, "qfs_mm": 10.0 + i, "qfs_plausible": "True"}
+            for i in range(4) for side in ("left", "right")]
+    rows[3].update(qfs_mm=rows[3]["qfs_mm"] + 12.0, qfs_plausible="False")
+    results = tmp_path / "results"
+    results.mkdir()
+    with open(results / "cohort.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    ref = tmp_path / "manual.csv"
+    ref.write_text("subject,side,ifs_mm,qfs_mm\n" + "".join(
+        f"s{i},{side},{20.0 + i},{10.0 + i + 0.5}\n" for i in range(4) for side in ("left", "right")))
+    summary = V.run_validation(results, ref, tmp_path / "out", n_boot=50, plots=False)
+    agr = {r["measure"]: r for r in summary["agreement"]}
+    assert agr["qfs_3d"]["n"] == 8 and agr["qfs_3d"]["mae"] == pytest.approx((7 * 0.5 + 11.5) / 8)
+    assert agr["qfs_3d_plausible"]["n"] == 7 and agr["qfs_3d_plausible"]["mae"] == pytest.approx(0.5)
+    assert "ifs_3d_plausible" not in agr
+    assert V.norm_bool("false") is False and V.norm_bool("1") is True and V.norm_bool("") is None
