@@ -108,7 +108,9 @@ def _print_summary(record: dict) -> None:
 
         flags = ", ".join(str(x.get("name")) for x in hip.get("flags", []) or [] if isinstance(x, dict)
                           and x.get("raised", True))
-        print(f"  {side:5s} hip: IFS {f('ifs_mm')} (axial {f('ifs_axial_mm')}), QFS {f('qfs_mm')}"
+        check = " (implausible: larger than the IFS, check the QC picture)" \
+            if hip.get("qfs_plausible") is False else ""
+        print(f"  {side:5s} hip: IFS {f('ifs_mm')} (axial {f('ifs_axial_mm')}), QFS {f('qfs_mm')}{check}"
               f"{'  FLAGS: ' + flags if flags else ''}")
 
 

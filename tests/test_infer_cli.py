@@ -183,3 +183,12 @@ def test_config_file_changes_cutoffs(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         infer.main(["--t1", str(p["t1"]), "--out", str(tmp_path / "o2"), "--config", str(cfg)])
     assert info.value.code == 2 and "unknown config keys" in capsys.readouterr().err
+
+
+def test_summary_line_says_when_a_qfs_is_implausible(capsys):
+    hip = {"ifs_mm": 8.0, "ifs_axial_mm": 8.2, "qfs_mm": 19.0, "flags": []}
+    infer._print_summary({"hips": {"right": dict(hip, qfs_plausible=True),
+                                   "left": dict(hip, qfs_plausible=False)}})
+    right, left = capsys.readouterr().out.splitlines()
+    assert "QFS 19.0 mm" in right and "implausible" not in right
+    assert "QFS 19.0 mm (implausible" in left
