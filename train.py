@@ -42,6 +42,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--init", default=None, help="start from this bundle's weights (fine-tuning)")
     ap.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--key-weight", type=float, default=1.0,
+                    help="loss weight of the four key structures (QF, LT, IT, hamstring origin); others 1")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
     ap.add_argument("--description", default=None,
                     help='training data description for the metadata, e.g. "synthetic phantoms: '
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                       steps_per_epoch=a.steps_per_epoch, batch=a.batch,
                       patches_per_subject=a.patches_per_subject, patch=tuple(a.patch), lr=a.lr,
                       val_fraction=a.val_fraction, max_val=a.max_val, seed=a.seed, resume=a.resume,
-                      device=a.device, init=a.init, workers=a.workers, bf16=a.bf16, threads=a.threads,
+                      device=a.device, init=a.init, workers=a.workers, bf16=a.bf16, key_weight=a.key_weight, threads=a.threads,
                       progress=not a.no_progress, description=a.description)
     summary = run_training(cfg)
     print(f"done: {summary['epochs']} epochs, best key-structure Dice {summary['best_key_dice']:.4f}, "

@@ -27,7 +27,7 @@ Every subject is put on the working grid exactly as at inference (``pipeline.gri
 oversampled), and augments them: left-right flip, small rotations/scaling, light elastic
 deformation, SynthSeg-style random contrast per label, bias field, gamma, histogram shift,
 noise, blur, simulated low resolution and random channel dropout (T1 only / fluid only / both).
-Loss Dice + cross-entropy, AdamW with a polynomial learning-rate decay over the epoch or time
+Loss Dice + cross-entropy (``--key-weight`` weighs the four key structures), AdamW with a polynomial learning-rate decay over the epoch or time
 budget. After each epoch: Dice per class on the validation subjects (whole volumes, sliding
 window as at inference), ``RUN_DIR/log.csv`` + ``log.txt``, bundles ``RUN_DIR/last`` and
 ``RUN_DIR/best`` (``.safetensors`` + ``.json``), and ``RUN_DIR/checkpoint.pt`` (optimizer state,
@@ -83,6 +83,7 @@ class TrainConfig:
     init: str | None = None
     workers: int = 0
     bf16: bool = False
+    key_weight: float = 1.0
     threads: int | None = None
     progress: bool = True
     description: str | None = None
@@ -291,6 +292,22 @@ def val_transforms(meta: dict, cache_dir: Path):
 
 
 # ------------------------------------------------------------------------------- training
+def make_loss(key_weight: float = 1.0, device=None):
+    """Dice + cross-entropy (MONAI ``DiceCELoss``) on softmax outputs and integer labels.
+
+    ``key_weight`` weighs the structures the measurements are taken from (``KEY_STRUCTURES``)
+    in both terms; every other class keeps weight 1.
+    """
+    import torch
+    from monai.losses import DiceCELoss
+
+    weight = None
+    if key_weight != 1.0:
+        weight = torch.tensor([key_weight if n in KEY_STRUCTURES else 1.0 for n in label_names()],
+                              dtype=torch.float32, device=device)
+    return DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=weight)
+
+
 def _log(run_dir: Path, text: str) -> None:
     with open(run_dir / "log.txt", "a") as f:
         f.write(text + "\n")
@@ -337,7 +354,6 @@ def run_training(cfg: TrainConfig) -> dict:
     """Train per ``cfg``; returns a summary (best score, epochs, run dir). See module docstring."""
     import torch
     from monai.data import CacheDataset, DataLoader, list_data_collate
-    from monai.losses import DiceCELoss
     from monai.utils import set_determinism
 
     from models.bundle import default_metadata, load_bundle, model_from_metadata, save_bundle
@@ -362,7 +378,7 @@ def run_training(cfg: TrainConfig) -> dict:
         "data": str(cfg.data), "n_train": len(train_recs), "n_val": len(val_recs),
         "train_subjects": [r["subject"] for r in train_recs], "val_subjects": [r["subject"] for r in val_recs],
         "seed": cfg.seed, "batch": cfg.batch, "patches_per_subject": min(cfg.patches_per_subject, cfg.batch),
-        "patch": list(cfg.patch), "lr": cfg.lr,
+        "patch": list(cfg.patch), "lr": cfg.lr, "key_weight": cfg.key_weight,
         "epochs": cfg.epochs, "minutes": cfg.minutes, "steps_per_epoch": cfg.steps_per_epoch,
         "command": command, "device": device.type, "torch": torch.__version__,
         "augmentation": "flip LR, affine, grid distortion, elastic, SynthSeg contrast, bias, gamma, histogram shift, "
@@ -401,7 +417,7 @@ def run_training(cfg: TrainConfig) -> dict:
     loader = DataLoader(train_ds, batch_size=cfg.batch // per_subject, shuffle=True,
                         num_workers=cfg.workers,
                         collate_fn=list_data_collate, persistent_workers=cfg.workers > 0)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    loss_fn = make_loss(cfg.key_weight, device)
     budget_s = cfg.minutes * 60.0 if cfg.minutes else None
     names = label_names()[1:]
     log_csv = run_dir / "log.csv"

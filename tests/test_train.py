@@ -75,7 +75,7 @@ def test_training_smoke_run_and_resume(dataset, tmp_path):
     torch.set_num_threads(1)
     run = tmp_path / "run"
     cfg = TrainConfig(data=str(dataset), out=str(run), epochs=1, steps_per_epoch=2, batch=2,
-                      patch=(32, 32, 8), val_fraction=0.34, seed=1, progress=False)
+                      patch=(32, 32, 8), val_fraction=0.34, seed=1, progress=False, key_weight=2.0)
     s = run_training(cfg)
     assert s["epochs"] == 1
     for name in ("best.safetensors", "best.json", "last.safetensors", "last.json", "checkpoint.pt",
@@ -85,6 +85,7 @@ def test_training_smoke_run_and_resume(dataset, tmp_path):
     assert ck["epoch"] == 1 and "state" in ck["optimizer"]
     net, meta = load_bundle(run / "last")
     assert meta["metrics"]["epoch"] == 1 and meta["training"]["n_val"] == 1
+    assert meta["training"]["key_weight"] == 2.0
     assert set(meta["metrics"]["val_dice"]) == {n for n in LABELS if n != "background"}
     cfg.resume, cfg.epochs = True, 2
     s2 = run_training(cfg)
@@ -218,3 +219,25 @@ def test_train_cli_help():
 
     r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "--help", "--no-tcmalloc"], capture_output=True, text=True)
     assert r.returncode == 0 and "--minutes" in r.stdout and "--resume" in r.stdout
+
+
+def test_key_weight_makes_errors_on_key_structures_cost_more():
+    from pipeline.training import make_loss
+
+    y = torch.zeros(1, 1, 8, 8, 4, dtype=torch.long)
+    y[..., :4, :, :] = LABELS["quadratus_femoris"]
+    y[..., 4:, :, :] = LABELS["other_muscle"]
+
+    def logits_with_error(on: str):
+        """Confident correct logits except on half of one structure, labelled background."""
+        x = torch.nn.functional.one_hot(y[:, 0], 11).permute(0, 4, 1, 2, 3).float() * 8.0
+        rows = slice(0, 2) if on == "quadratus_femoris" else slice(4, 6)
+        x[:, :, rows] = 0.0
+        x[:, 0, rows] = 8.0
+        return x
+
+    def ratio(loss):  # cost of an error on the QF relative to the same error on other muscle
+        return float(loss(logits_with_error("quadratus_femoris"), y) / loss(logits_with_error("other_muscle"), y))
+
+    assert ratio(make_loss(1.0)) == pytest.approx(1.0, abs=1e-4)
+    assert ratio(make_loss(3.0)) > 1.5
