@@ -42,15 +42,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--init", default=None, help="start from this bundle's weights (fine-tuning)")
     ap.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--key-weight", type=float, default=1.0,
-                    help="loss weight of the four key structures (QF, LT, IT, hamstring origin); others 1")
+    ap.add_argument("--class-weight", action="append", default=[], metavar="NAME=W",
+                    help="loss weight of one structure (repeatable), e.g. hamstring_tendon=3; others 1")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
     ap.add_argument("--description", default=None,
                     help='training data description for the metadata, e.g. "synthetic phantoms: '
                          'data_scripts/make_phantoms.py --n 150 --seed 1"')
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--no-tcmalloc", action="store_true", help="do not re-execute with tcmalloc preloaded")
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    a.class_weights = _class_weights(ap, a.class_weight)
+    return a
+
+
+def _class_weights(ap: argparse.ArgumentParser, items: list[str]) -> dict:
+    """``["name=w", ...]`` -> ``{name: w}``; a malformed item is a usage error."""
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            ap.error(f"--class-weight {item!r}: expected NAME=NUMBER, e.g. hamstring_tendon=3")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                       steps_per_epoch=a.steps_per_epoch, batch=a.batch,
                       patches_per_subject=a.patches_per_subject, patch=tuple(a.patch), lr=a.lr,
                       val_fraction=a.val_fraction, max_val=a.max_val, seed=a.seed, resume=a.resume,
-                      device=a.device, init=a.init, workers=a.workers, bf16=a.bf16, key_weight=a.key_weight, threads=a.threads,
+                      device=a.device, init=a.init, workers=a.workers, bf16=a.bf16, threads=a.threads,
+                      class_weights=a.class_weights,
                       progress=not a.no_progress, description=a.description)
     summary = run_training(cfg)
     print(f"done: {summary['epochs']} epochs, best key-structure Dice {summary['best_key_dice']:.4f}, "

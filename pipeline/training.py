@@ -27,7 +27,7 @@ Every subject is put on the working grid exactly as at inference (``pipeline.gri
 oversampled), and augments them: left-right flip, small rotations/scaling, light elastic
 deformation, SynthSeg-style random contrast per label, bias field, gamma, histogram shift,
 noise, blur, simulated low resolution and random channel dropout (T1 only / fluid only / both).
-Loss Dice + cross-entropy (``--key-weight`` weighs the four key structures), AdamW with a polynomial learning-rate decay over the epoch or time
+Loss Dice + cross-entropy (``--class-weight NAME=W`` weighs a structure in both), AdamW with a polynomial learning-rate decay over the epoch or time
 budget. After each epoch: Dice per class on the validation subjects (whole volumes, sliding
 window as at inference), ``RUN_DIR/log.csv`` + ``log.txt``, bundles ``RUN_DIR/last`` and
 ``RUN_DIR/best`` (``.safetensors`` + ``.json``), and ``RUN_DIR/checkpoint.pt`` (optimizer state,
@@ -83,7 +83,7 @@ class TrainConfig:
     init: str | None = None
     workers: int = 0
     bf16: bool = False
-    key_weight: float = 1.0
+    class_weights: dict | None = None
     threads: int | None = None
     progress: bool = True
     description: str | None = None
@@ -292,18 +292,25 @@ def val_transforms(meta: dict, cache_dir: Path):
 
 
 # ------------------------------------------------------------------------------- training
-def make_loss(key_weight: float = 1.0, device=None):
+def make_loss(class_weights: dict | None = None, device=None):
     """Dice + cross-entropy (MONAI ``DiceCELoss``) on softmax outputs and integer labels.
 
-    ``key_weight`` weighs the structures the measurements are taken from (``KEY_STRUCTURES``)
-    in both terms; every other class keeps weight 1.
+    ``class_weights`` (structure name -> weight, e.g. ``{"hamstring_tendon": 3}``) weighs those
+    classes in both terms; every other class keeps weight 1.
     """
     import torch
     from monai.losses import DiceCELoss
 
+    class_weights = dict(class_weights or {})
+    unknown = sorted(set(class_weights) - set(label_names()))
+    if unknown:
+        raise ValueError(f"unknown structure(s) in class weights: {', '.join(unknown)} "
+                         f"(known: {', '.join(label_names())})")
+    if any(not float(w) > 0 for w in class_weights.values()):
+        raise ValueError(f"class weights must be positive: {class_weights}")
     weight = None
-    if key_weight != 1.0:
-        weight = torch.tensor([key_weight if n in KEY_STRUCTURES else 1.0 for n in label_names()],
+    if any(float(w) != 1.0 for w in class_weights.values()):
+        weight = torch.tensor([float(class_weights.get(n, 1.0)) for n in label_names()],
                               dtype=torch.float32, device=device)
     return DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=weight)
 
@@ -378,7 +385,8 @@ def run_training(cfg: TrainConfig) -> dict:
         "data": str(cfg.data), "n_train": len(train_recs), "n_val": len(val_recs),
         "train_subjects": [r["subject"] for r in train_recs], "val_subjects": [r["subject"] for r in val_recs],
         "seed": cfg.seed, "batch": cfg.batch, "patches_per_subject": min(cfg.patches_per_subject, cfg.batch),
-        "patch": list(cfg.patch), "lr": cfg.lr, "key_weight": cfg.key_weight,
+        "patch": list(cfg.patch), "lr": cfg.lr,
+        "class_weights": dict(cfg.class_weights or {}),
         "epochs": cfg.epochs, "minutes": cfg.minutes, "steps_per_epoch": cfg.steps_per_epoch,
         "command": command, "device": device.type, "torch": torch.__version__,
         "augmentation": "flip LR, affine, grid distortion, elastic, SynthSeg contrast, bias, gamma, histogram shift, "
@@ -388,6 +396,7 @@ def run_training(cfg: TrainConfig) -> dict:
     if cohort_info is not None and cohort_info.exists():
         meta["training"]["cohort"] = json.loads(cohort_info.read_text())
 
+    loss_fn = make_loss(cfg.class_weights, device)     # a bad weight fails before the caching
     net = model_from_metadata(meta).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-5)
     start_epoch, elapsed_before, best = 0, 0.0, -1.0
@@ -417,7 +426,6 @@ def run_training(cfg: TrainConfig) -> dict:
     loader = DataLoader(train_ds, batch_size=cfg.batch // per_subject, shuffle=True,
                         num_workers=cfg.workers,
                         collate_fn=list_data_collate, persistent_workers=cfg.workers > 0)
-    loss_fn = make_loss(cfg.key_weight, device)
     budget_s = cfg.minutes * 60.0 if cfg.minutes else None
     names = label_names()[1:]
     log_csv = run_dir / "log.csv"

@@ -75,7 +75,8 @@ def test_training_smoke_run_and_resume(dataset, tmp_path):
     torch.set_num_threads(1)
     run = tmp_path / "run"
     cfg = TrainConfig(data=str(dataset), out=str(run), epochs=1, steps_per_epoch=2, batch=2,
-                      patch=(32, 32, 8), val_fraction=0.34, seed=1, progress=False, key_weight=2.0)
+                      patch=(32, 32, 8), val_fraction=0.34, seed=1, progress=False,
+                      class_weights={"hamstring_tendon": 2.0})
     s = run_training(cfg)
     assert s["epochs"] == 1
     for name in ("best.safetensors", "best.json", "last.safetensors", "last.json", "checkpoint.pt",
@@ -85,7 +86,7 @@ def test_training_smoke_run_and_resume(dataset, tmp_path):
     assert ck["epoch"] == 1 and "state" in ck["optimizer"]
     net, meta = load_bundle(run / "last")
     assert meta["metrics"]["epoch"] == 1 and meta["training"]["n_val"] == 1
-    assert meta["training"]["key_weight"] == 2.0
+    assert meta["training"]["class_weights"] == {"hamstring_tendon": 2.0}
     assert set(meta["metrics"]["val_dice"]) == {n for n in LABELS if n != "background"}
     cfg.resume, cfg.epochs = True, 2
     s2 = run_training(cfg)
@@ -221,7 +222,7 @@ def test_train_cli_help():
     assert r.returncode == 0 and "--minutes" in r.stdout and "--resume" in r.stdout
 
 
-def test_key_weight_makes_errors_on_key_structures_cost_more():
+def test_class_weight_makes_errors_on_that_structure_cost_more():
     from pipeline.training import make_loss
 
     y = torch.zeros(1, 1, 8, 8, 4, dtype=torch.long)
@@ -239,5 +240,7 @@ def test_key_weight_makes_errors_on_key_structures_cost_more():
     def ratio(loss):  # cost of an error on the QF relative to the same error on other muscle
         return float(loss(logits_with_error("quadratus_femoris"), y) / loss(logits_with_error("other_muscle"), y))
 
-    assert ratio(make_loss(1.0)) == pytest.approx(1.0, abs=1e-4)
-    assert ratio(make_loss(3.0)) > 1.5
+    assert ratio(make_loss()) == pytest.approx(1.0, abs=1e-4)
+    assert ratio(make_loss({"quadratus_femoris": 3.0})) > 1.5
+    with pytest.raises(ValueError, match="quadratus_femur"):
+        make_loss({"quadratus_femur": 2.0})
