@@ -284,3 +284,16 @@ def test_network_bundle_end_to_end(tmp_path):
     # without a model and without labels the run stops with one clear message
     with pytest.raises(SubjectError, match="model weights not found"):
         run_cohort(m, tmp_path / "out2", model_path=tmp_path / "absent", quiet=True)
+
+
+def test_report_summaries_leave_out_implausible_qfs():
+    from pipeline.report import HIP_COLUMNS, _side_summary
+
+    rows = [{"subject": f"s{i}", "side": "right", "ifs_axial_mm": 20.0, "qfs_axial_mm": q,
+             "qfs_plausible": ok, "flags": ""}
+            for i, (q, ok) in enumerate(((8.0, True), (10.0, True), (30.0, False)))]
+    html = _side_summary(rows)
+    right = html.split("<tr><td>right</td>")[1].split("</tr>")[0]
+    # median QFS of the two plausible values (9.0, not 10.0 with the implausible 30 mm), 1 left out
+    assert right == "<td>3</td><td>20.0</td><td>9.0</td><td>1</td><td>0</td>"
+    assert "qfs_plausible" in HIP_COLUMNS
