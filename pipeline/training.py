@@ -28,10 +28,11 @@ oversampled), and augments them: left-right flip, small rotations/scaling, light
 deformation, SynthSeg-style random contrast per label, bias field, gamma, histogram shift,
 noise, blur, simulated low resolution and random channel dropout (T1 only / fluid only / both).
 Loss Dice + cross-entropy (``--class-weight NAME=W`` weighs a structure in both), AdamW with a
-polynomial learning-rate decay over the epoch or time budget. After each epoch: Dice per class on the validation subjects (whole volumes, sliding
-window as at inference), ``RUN_DIR/log.csv`` + ``log.txt``, bundles ``RUN_DIR/last`` and
-``RUN_DIR/best`` (``.safetensors`` + ``.json``), and ``RUN_DIR/checkpoint.pt`` (optimizer state,
-loaded with ``weights_only=True``) for ``--resume``.
+polynomial learning-rate decay over the epoch or time budget. After each epoch: Dice per class
+on the validation subjects (whole volumes, sliding window as at inference), ``RUN_DIR/log.csv``
++ ``log.txt``, bundles ``RUN_DIR/last`` and ``RUN_DIR/best`` (``.safetensors`` + ``.json``),
+and ``RUN_DIR/checkpoint.pt`` (optimizer state, loaded with ``weights_only=True``) for
+``--resume``.
 """
 from __future__ import annotations
 
