@@ -44,6 +44,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--class-weight", action="append", default=[], metavar="NAME=W",
                     help="loss weight of one structure (repeatable), e.g. hamstring_tendon=3; others 1")
+    ap.add_argument("--contact-weight", type=float, default=1.0, metavar="W",
+                    help="cross-entropy weight where the measured structures touch (hamstring origin on "
+                         "the ischial tuberosity, QF on the lesser trochanter...); 1 = off")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
     ap.add_argument("--description", default=None,
                     help='training data description for the metadata, e.g. "synthetic phantoms: '
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                       patches_per_subject=a.patches_per_subject, patch=tuple(a.patch), lr=a.lr,
                       val_fraction=a.val_fraction, max_val=a.max_val, seed=a.seed, resume=a.resume,
                       device=a.device, init=a.init, workers=a.workers, bf16=a.bf16, threads=a.threads,
-                      class_weights=a.class_weights,
+                      class_weights=a.class_weights, contact_weight=a.contact_weight,
                       progress=not a.no_progress, description=a.description)
     summary = run_training(cfg)
     print(f"done: {summary['epochs']} epochs, best key-structure Dice {summary['best_key_dice']:.4f}, "

@@ -27,7 +27,8 @@ Every subject is put on the working grid exactly as at inference (``pipeline.gri
 oversampled), and augments them: left-right flip, small rotations/scaling, light elastic
 deformation, SynthSeg-style random contrast per label, bias field, gamma, histogram shift,
 noise, blur, simulated low resolution and random channel dropout (T1 only / fluid only / both).
-Loss Dice + cross-entropy (``--class-weight NAME=W`` weighs a structure in both), AdamW with a
+Loss Dice + cross-entropy (``--class-weight NAME=W`` weighs a structure in both; ``--contact-weight``
+weighs the cross-entropy where the measured structures touch), AdamW with a
 polynomial learning-rate decay over the epoch or time budget. After each epoch: Dice per class
 on the validation subjects (whole volumes, sliding window as at inference), ``RUN_DIR/log.csv``
 + ``log.txt``, bundles ``RUN_DIR/last`` and ``RUN_DIR/best`` (``.safetensors`` + ``.json``),
@@ -62,6 +63,10 @@ CLASS_RATIOS = {"background": 0.5, "quadratus_femoris": 2.0, "lesser_trochanter"
                 "gluteus_maximus": 0.5, "subcutaneous_fat": 0.3, "iliopsoas_tendon": 1.5,
                 "other_muscle": 0.5}
 
+#: Structures whose contacts ``--contact-weight`` emphasises: the surfaces IFS and QFS run between.
+CONTACT_STRUCTURES = ("quadratus_femoris", "lesser_trochanter", "ischial_tuberosity", "hamstring_tendon",
+                      "iliopsoas_tendon")
+
 
 @dataclass
 class TrainConfig:
@@ -85,6 +90,7 @@ class TrainConfig:
     workers: int = 0
     bf16: bool = False
     class_weights: dict | None = None
+    contact_weight: float = 1.0
     threads: int | None = None
     progress: bool = True
     description: str | None = None
@@ -293,11 +299,34 @@ def val_transforms(meta: dict, cache_dir: Path):
 
 
 # ------------------------------------------------------------------------------- training
-def make_loss(class_weights: dict | None = None, device=None):
+def contact_mask(label, structures=None, radius: int = 2):
+    """Voxels of the measurement structures lying within ``radius`` in-plane voxels of another one.
+
+    ``label``: integer tensor ``(B, 1, X, Y, Z)`` (axes 0-1 in-plane on the working grid). Returns a
+    bool tensor of the same shape: where the hamstring origin sits on the ischial tuberosity, the
+    QF meets the lesser trochanter, and so on (the surfaces IFS and QFS are measured between).
+    """
+    import torch
+
+    values = [label_names().index(n) for n in (structures or CONTACT_STRUCTURES)]
+    k = 2 * int(radius) + 1
+    near = torch.zeros_like(label, dtype=torch.int16)
+    for v in values:
+        m = (label == v).float()
+        near += torch.nn.functional.max_pool3d(m, (k, k, 1), stride=1, padding=(radius, radius, 0)).to(torch.int16)
+    inside = torch.zeros_like(label, dtype=torch.bool)
+    for v in values:
+        inside |= label == v
+    return inside & (near >= 2)         # its own structure counts once; a second one is a contact
+
+
+def make_loss(class_weights: dict | None = None, device=None, contact_weight: float = 1.0):
     """Dice + cross-entropy (MONAI ``DiceCELoss``) on softmax outputs and integer labels.
 
     ``class_weights`` (structure name -> weight, e.g. ``{"hamstring_tendon": 3}``) weighs those
-    classes in both terms; every other class keeps weight 1.
+    classes in both terms; every other class keeps weight 1. ``contact_weight`` > 1 also weighs
+    the cross-entropy of the voxels in ``contact_mask`` (boundary weighting as in Ronneberger et
+    al. 2015, restricted to where the measured structures touch).
     """
     import torch
     from monai.losses import DiceCELoss
@@ -309,11 +338,24 @@ def make_loss(class_weights: dict | None = None, device=None):
                          f"(known: {', '.join(label_names())})")
     if any(not float(w) > 0 for w in class_weights.values()):
         raise ValueError(f"class weights must be positive: {class_weights}")
+    if not float(contact_weight) >= 1.0:
+        raise ValueError(f"contact weight must be at least 1: {contact_weight}")
     weight = None
     if any(float(w) != 1.0 for w in class_weights.values()):
         weight = torch.tensor([float(class_weights.get(n, 1.0)) for n in label_names()],
                               dtype=torch.float32, device=device)
-    return DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=weight)
+    loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=weight)
+    if float(contact_weight) == 1.0:
+        return loss
+
+    def contact_weighted(out, y):
+        target = y[:, 0].long()
+        ce = torch.nn.functional.cross_entropy(out, target, weight=weight, reduction="none")
+        voxel_w = 1.0 + (float(contact_weight) - 1.0) * contact_mask(y)[:, 0].float()
+        class_w = weight[target] if weight is not None else torch.ones_like(ce)
+        return loss.dice(out, y) + (ce * voxel_w).sum() / class_w.sum()
+
+    return contact_weighted
 
 
 def _log(run_dir: Path, text: str) -> None:
@@ -387,7 +429,7 @@ def run_training(cfg: TrainConfig) -> dict:
         "train_subjects": [r["subject"] for r in train_recs], "val_subjects": [r["subject"] for r in val_recs],
         "seed": cfg.seed, "batch": cfg.batch, "patches_per_subject": min(cfg.patches_per_subject, cfg.batch),
         "patch": list(cfg.patch), "lr": cfg.lr,
-        "class_weights": dict(cfg.class_weights or {}),
+        "class_weights": dict(cfg.class_weights or {}), "contact_weight": cfg.contact_weight,
         "epochs": cfg.epochs, "minutes": cfg.minutes, "steps_per_epoch": cfg.steps_per_epoch,
         "command": command, "device": device.type, "torch": torch.__version__,
         "augmentation": "flip LR, affine, grid distortion, elastic, SynthSeg contrast, bias, gamma, histogram shift, "
@@ -397,7 +439,7 @@ def run_training(cfg: TrainConfig) -> dict:
     if cohort_info is not None and cohort_info.exists():
         meta["training"]["cohort"] = json.loads(cohort_info.read_text())
 
-    loss_fn = make_loss(cfg.class_weights, device)     # a bad weight fails before the caching
+    loss_fn = make_loss(cfg.class_weights, device, cfg.contact_weight)     # a bad weight fails before the caching
     net = model_from_metadata(meta).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-5)
     start_epoch, elapsed_before, best = 0, 0.0, -1.0

@@ -244,3 +244,30 @@ def test_class_weight_makes_errors_on_that_structure_cost_more():
     assert ratio(make_loss({"quadratus_femoris": 3.0})) > 1.5
     with pytest.raises(ValueError, match="quadratus_femur"):
         make_loss({"quadratus_femur": 2.0})
+
+
+def test_contact_weight_makes_errors_where_structures_touch_cost_more():
+    from pipeline.training import contact_mask, make_loss
+
+    y = torch.zeros(1, 1, 16, 8, 2, dtype=torch.long)
+    y[:, :, 2:6] = LABELS["ischial_tuberosity"]
+    y[:, :, 6:9] = LABELS["hamstring_tendon"]           # lies on the IT: rows 4-7 touch (radius 2)
+    y[:, :, 12:15] = LABELS["quadratus_femoris"]        # 3 rows of background away from the tendon
+    touch = contact_mask(y)[0, 0, :, 0, 0]
+    assert touch.tolist() == [r in (4, 5, 6, 7) for r in range(16)]
+    assert contact_mask(y, radius=1)[0, 0, :, 0, 0].tolist() == [r in (5, 6) for r in range(16)]
+
+    def logits_with_error(rows):
+        x = torch.nn.functional.one_hot(y[:, 0], 11).permute(0, 4, 1, 2, 3).float() * 8.0
+        x[:, :, rows] = 0.0
+        x[:, LABELS["gluteus_maximus"], rows] = 8.0
+        return x
+
+    at_contact, away = logits_with_error(slice(6, 7)), logits_with_error(slice(13, 14))
+    plain = make_loss()
+    assert float(plain(at_contact, y)) == pytest.approx(float(plain(away, y)), rel=0.05)
+    weighted = make_loss(contact_weight=10.0)
+    assert float(weighted(at_contact, y)) > 2.0 * float(weighted(away, y))
+    assert float(make_loss(contact_weight=1.0)(away, y)) == pytest.approx(float(plain(away, y)))
+    with pytest.raises(ValueError, match="contact weight"):
+        make_loss(contact_weight=0.5)
