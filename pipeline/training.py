@@ -308,16 +308,21 @@ def contact_mask(label, structures=None, radius: int = 2):
     """
     import torch
 
-    values = [label_names().index(n) for n in (structures or CONTACT_STRUCTURES)]
-    k = 2 * int(radius) + 1
-    near = torch.zeros_like(label, dtype=torch.int16)
-    for v in values:
-        m = (label == v).float()
-        near += torch.nn.functional.max_pool3d(m, (k, k, 1), stride=1, padding=(radius, radius, 0)).to(torch.int16)
-    inside = torch.zeros_like(label, dtype=torch.bool)
-    for v in values:
-        inside |= label == v
-    return inside & (near >= 2)         # its own structure counts once; a second one is a contact
+    values = torch.tensor([label_names().index(n) for n in (structures or CONTACT_STRUCTURES)],
+                          device=label.device).view(1, -1, 1, 1, 1)
+    own = label == values                                          # (B, S, X, Y, Z), one channel each
+    near = own.to(torch.uint8)
+    # Separable square dilation by shifted ORs: several times faster than max_pool3d on the CPU.
+    for axis in (2, 3):
+        n = near.shape[axis]
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (4 - axis)] = pad[2 * (4 - axis) + 1] = radius
+        padded = torch.nn.functional.pad(near, pad)
+        near = torch.zeros_like(near)
+        for shift in range(2 * radius + 1):
+            near |= padded.narrow(axis, shift, n)
+    # Its own structure counts once; a second one within reach makes a contact.
+    return own.any(1, keepdim=True) & (near.sum(1, keepdim=True) >= 2)
 
 
 def make_loss(class_weights: dict | None = None, device=None, contact_weight: float = 1.0):
