@@ -444,7 +444,7 @@ def run_training(cfg: TrainConfig) -> dict:
     if cohort_info is not None and cohort_info.exists():
         meta["training"]["cohort"] = json.loads(cohort_info.read_text())
 
-    loss_fn = make_loss(cfg.class_weights, device, cfg.contact_weight)     # a bad weight fails before the caching
+    loss_fn = make_loss(cfg.class_weights, device, cfg.contact_weight)   # bad weights fail before caching
     net = model_from_metadata(meta).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-5)
     start_epoch, elapsed_before, best = 0, 0.0, -1.0

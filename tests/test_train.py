@@ -76,7 +76,7 @@ def test_training_smoke_run_and_resume(dataset, tmp_path):
     run = tmp_path / "run"
     cfg = TrainConfig(data=str(dataset), out=str(run), epochs=1, steps_per_epoch=2, batch=2,
                       patch=(32, 32, 8), val_fraction=0.34, seed=1, progress=False,
-                      class_weights={"hamstring_tendon": 2.0})
+                      class_weights={"hamstring_tendon": 2.0}, contact_weight=10.0)
     s = run_training(cfg)
     assert s["epochs"] == 1
     for name in ("best.safetensors", "best.json", "last.safetensors", "last.json", "checkpoint.pt",
@@ -87,6 +87,7 @@ def test_training_smoke_run_and_resume(dataset, tmp_path):
     net, meta = load_bundle(run / "last")
     assert meta["metrics"]["epoch"] == 1 and meta["training"]["n_val"] == 1
     assert meta["training"]["class_weights"] == {"hamstring_tendon": 2.0}
+    assert meta["training"]["contact_weight"] == 10.0
     assert set(meta["metrics"]["val_dice"]) == {n for n in LABELS if n != "background"}
     cfg.resume, cfg.epochs = True, 2
     s2 = run_training(cfg)
