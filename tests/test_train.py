@@ -272,3 +272,16 @@ def test_contact_weight_makes_errors_where_structures_touch_cost_more():
     assert float(make_loss(contact_weight=1.0)(away, y)) == pytest.approx(float(plain(away, y)))
     with pytest.raises(ValueError, match="contact weight"):
         make_loss(contact_weight=0.5)
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3])
+def test_contact_mask_matches_a_max_pooling_dilation(radius):
+    from pipeline.training import CONTACT_STRUCTURES, contact_mask
+
+    y = torch.randint(0, 11, (2, 1, 24, 20, 3), generator=torch.Generator().manual_seed(radius))
+    k = 2 * radius + 1
+    values = [LABELS[n] for n in CONTACT_STRUCTURES]
+    near = sum(torch.nn.functional.max_pool3d((y == v).float(), (k, k, 1), stride=1, padding=(radius, radius, 0))
+               for v in values)
+    inside = sum((y == v).int() for v in values) > 0
+    assert torch.equal(contact_mask(y, radius=radius), inside & (near >= 2))
