@@ -1,9 +1,10 @@
 """Rebuild the bundled example subject ``data_scripts/example/`` (used by ``infer.py --demo``).
 
 One phantom from the generator (bilateral field of view, T1 + STIR), reduced to stay small in
-the repository (< 3 MB): every series is block-averaged 2 x 2 in-plane (about 1.6 mm pixels,
-still a realistic pelvis protocol), the label map is reduced on the same blocks by majority vote,
-so it lies exactly on the example T1's grid. World coordinates are unchanged, so ``truth.json``
+the repository (< 3 MB): every series is block-averaged 2 x 2 in-plane, across its slices
+whatever its storage axis order (about 1.5 mm pixels, slices unchanged: still a realistic pelvis
+protocol), the label map is reduced on the same blocks by majority vote, so it lies exactly on
+the example T1's grid. World coordinates are unchanged, so ``truth.json``
 (world mm) still applies.
 
     python data_scripts/make_example.py [--out data_scripts/example] [--seed 4]
@@ -25,33 +26,46 @@ if __package__ in (None, ""):
 FACTOR = 2   # in-plane block size
 
 
-def _block_affine(affine: np.ndarray, factor: int) -> np.ndarray:
-    """Affine of a grid whose voxel (i, j, k) is the block [f*i, f*i+f) x [f*j, f*j+f) x {k}."""
-    scale = np.array([[factor, 0, 0, (factor - 1) / 2], [0, factor, 0, (factor - 1) / 2],
-                      [0, 0, 1, 0], [0, 0, 0, 1]], float)
+def _axis_along(affine: np.ndarray, direction: np.ndarray) -> int:
+    """The array axis of a grid whose world direction is most nearly parallel to ``direction``."""
+    m = np.asarray(affine, float)[:3, :3]
+    cos = np.abs(np.asarray(direction, float) @ m) / np.linalg.norm(m, axis=0)
+    return int(np.argmax(cos))
+
+
+def _block_affine(affine: np.ndarray, factor: int, slice_ax: int) -> np.ndarray:
+    """Affine of a grid whose voxels are factor x factor blocks across the two in-plane axes (all
+    but ``slice_ax``) of the grid of ``affine``; block (i, j, k) starts at voxel factor * index."""
+    scale = np.eye(4)
+    for ax in range(3):
+        if ax != slice_ax:
+            scale[ax, ax] = factor
+            scale[ax, 3] = (factor - 1) / 2
     return np.asarray(affine, float) @ scale
 
 
-def _crop(shape, factor):
-    return tuple(slice(0, (s // factor) * factor) if ax < 2 else slice(None) for ax, s in enumerate(shape))
+def _blocks(data: np.ndarray, factor: int, slice_ax: int) -> np.ndarray:
+    """(I', J', K, factor * factor): the in-plane blocks of ``data`` with its slice axis moved last
+    (trailing rows and columns that do not fill a block are dropped)."""
+    d = np.moveaxis(np.asarray(data), slice_ax, -1)
+    i, j, k = d.shape[0] // factor, d.shape[1] // factor, d.shape[2]
+    d = d[:i * factor, :j * factor]
+    return d.reshape(i, factor, j, factor, k).transpose(0, 2, 4, 1, 3).reshape(i, j, k, factor * factor)
 
 
-def reduce_intensity(data: np.ndarray, factor: int = FACTOR) -> np.ndarray:
-    """Block mean over factor x factor in-plane blocks."""
-    d = np.asarray(data, np.float32)[_crop(data.shape, factor)]
-    i, j, k = d.shape
-    return d.reshape(i // factor, factor, j // factor, factor, k).mean(axis=(1, 3))
+def reduce_intensity(data: np.ndarray, slice_ax: int, factor: int = FACTOR) -> np.ndarray:
+    """Block mean over factor x factor in-plane blocks (``slice_ax``: the acquisition's slice axis,
+    which is kept)."""
+    mean = _blocks(np.asarray(data, np.float32), factor, slice_ax).mean(axis=-1)
+    return np.moveaxis(mean, -1, slice_ax)
 
 
-def reduce_labels(labels: np.ndarray, factor: int = FACTOR) -> np.ndarray:
+def reduce_labels(labels: np.ndarray, slice_ax: int, factor: int = FACTOR) -> np.ndarray:
     """Block majority vote (ties: the smaller label value) over factor x factor in-plane blocks."""
-    d = np.asarray(labels)[_crop(labels.shape, factor)]
-    i, j, k = d.shape
-    blocks = d.reshape(i // factor, factor, j // factor, factor, k).transpose(0, 2, 4, 1, 3).reshape(
-        i // factor, j // factor, k, factor * factor)
-    n = int(d.max()) + 1
+    blocks = _blocks(labels, factor, slice_ax)
+    n = int(np.max(labels)) + 1
     counts = np.stack([(blocks == v).sum(axis=-1) for v in range(n)], axis=-1)
-    return counts.argmax(axis=-1).astype(np.uint8)
+    return np.moveaxis(counts.argmax(axis=-1).astype(np.uint8), -1, slice_ax)
 
 
 def make_example(out_dir, seed: int = 4, index: int = 0) -> Path:
@@ -67,16 +81,23 @@ def make_example(out_dir, seed: int = 4, index: int = 0) -> Path:
         src = Path(tmp) / "example"
         staging = Path(tmp) / "reduced"
         staging.mkdir()
+        truth = json.loads((src / "truth.json").read_text())
+        # The series may be stored with any axis order (the generator varies it): reduce across
+        # the acquisition's slices, never along them.
+        t1_affine = nib.load(str(src / "t1.nii.gz")).affine
+        normal = t1_affine[:3, int(truth["acquisition"]["t1_slice_axis"])]
         for name in ("t1", row["fluid_kind"]):
             nii = nib.load(str(src / f"{name}.nii.gz"))
-            data = reduce_intensity(nii.get_fdata(dtype=np.float32))
-            img = nib.Nifti1Image(np.rint(data).astype(np.int16), _block_affine(nii.affine, FACTOR))
+            slice_ax = _axis_along(nii.affine, normal)
+            data = reduce_intensity(nii.get_fdata(dtype=np.float32), slice_ax)
+            img = nib.Nifti1Image(np.rint(data).astype(np.int16), _block_affine(nii.affine, FACTOR, slice_ax))
             nib.save(img, str(staging / f"{name}.nii.gz"))
         lab = nib.load(str(src / "labels.nii.gz"))
-        nib.save(nib.Nifti1Image(reduce_labels(np.asarray(lab.dataobj)), _block_affine(lab.affine, FACTOR)),
+        slice_ax = _axis_along(lab.affine, normal)
+        nib.save(nib.Nifti1Image(reduce_labels(np.asarray(lab.dataobj), slice_ax),
+                                 _block_affine(lab.affine, FACTOR, slice_ax)),
                  str(staging / "labels.nii.gz"))
         shutil.copy(src / "labels.json", staging / "labels.json")
-        truth = json.loads((src / "truth.json").read_text())
         truth["note"] = (f"example reduced {FACTOR}x{FACTOR} in-plane by data_scripts/make_example.py; "
                          "world coordinates unchanged")
         (staging / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
