@@ -20,7 +20,9 @@ tilted, any storage order): 3D error <= 0.12 mm and axial error <= 0.23 mm for s
 radius 9-12 mm; small structures (radius ~5-7 mm spanning 2-3 slices) reach ~0.5-1 mm in 3D,
 because their ends between slices are not determined by the data.
 
-The slice axis is the array axis closest to world superior-inferior (``slice_axis``).
+The stack of slices is built along the acquisition's slice axis (``acquisition_slice_axis``: the
+clearly thickest axis, so coronal and sagittal acquisitions are interpolated across their own
+thick slices); the axial value is measured only when those slices are axial (``axial_slices``).
 """
 from __future__ import annotations
 
@@ -58,6 +60,28 @@ def slice_axis(affine: np.ndarray) -> int:
     return int(np.argmax(np.abs(m[2, :]) / np.linalg.norm(m, axis=0)))
 
 
+#: An axis whose spacing is at least this many times each other axis's holds the acquired
+#: (thick) slices; below that the voxels count as near-isotropic (a 3D acquisition).
+THICK_SLICE_RATIO = 1.5
+
+
+def acquisition_slice_axis(affine: np.ndarray) -> int:
+    """Array axis along which the slices were acquired: the one with clearly the largest spacing
+    (a 2D acquisition, axial, coronal or sagittal, in any storage order); for near-isotropic
+    voxels the one closest to superior-inferior."""
+    sp = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
+    order = np.argsort(sp)[::-1]
+    if sp[order[0]] >= THICK_SLICE_RATIO * sp[order[1]]:
+        return int(order[0])
+    return slice_axis(affine)
+
+
+def axial_slices(affine: np.ndarray) -> bool:
+    """Whether the acquired slices are axial (their axis is the one closest to superior-inferior),
+    so that a distance within a slice is the radiologist's axial measurement."""
+    return acquisition_slice_axis(affine) == slice_axis(affine)
+
+
 # --------------------------------------------------------------------------- stacks of slices
 
 
@@ -81,7 +105,7 @@ class _Stack:
 def _make_stack(masks: list, affine: np.ndarray, margin_ij: int = 4) -> _Stack | None:
     """Crop all masks to their joint bounding box (+margin), put the slice axis last, pad."""
     affine = np.asarray(affine, dtype=float)
-    axis = slice_axis(affine)
+    axis = acquisition_slice_axis(affine)
     union = np.zeros(masks[0].shape, bool)
     for m in masks:
         union |= m
@@ -358,13 +382,14 @@ def surface_distance(mask_a: np.ndarray, mask_b: np.ndarray, affine: np.ndarray,
 
 def distances(mask_a: np.ndarray, mask_b: np.ndarray, affine: np.ndarray
               ) -> tuple[Distance | None, Distance | None]:
-    """(3D surface distance, axial distance) between two masks, sharing the work."""
+    """(3D surface distance, axial distance) between two masks, sharing the work. The axial
+    distance is None when the acquired slices are not axial (``axial_slices``)."""
     if not mask_a.any() or not mask_b.any():
         return None, None
     stack = _restrict(mask_a, mask_b, affine)
     sdf = _sdfs(stack)
-    return (surface_distance(None, None, affine, stack, sdf),
-            axial_distance(None, None, affine, stack, sdf))
+    axial = axial_distance(None, None, affine, stack, sdf) if axial_slices(affine) else None
+    return surface_distance(None, None, affine, stack, sdf), axial
 
 
 def _restrict(mask_a: np.ndarray, mask_b: np.ndarray, affine: np.ndarray) -> _Stack:
@@ -388,7 +413,7 @@ def _restrict(mask_a: np.ndarray, mask_b: np.ndarray, affine: np.ndarray) -> _St
     lo = keep.min(0)
     hi = keep.max(0) + 1
     # in-plane margin: the smoothing and the EDT need context; through-plane: one slice for caps
-    ax = slice_axis(affine)
+    ax = acquisition_slice_axis(affine)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     m_ip = int(np.ceil(max(3.0, 2 * diag / spacing.min())))
     margin = np.array([m_ip] * 3)

@@ -76,6 +76,13 @@ class Image:
         """The array axis closest to the world superior-inferior direction (the 'axial' slice axis)."""
         return int(np.argmax(np.abs(self.axis_directions()[2, :])))
 
+    def acquisition_slice_axis(self) -> int:
+        """The array axis the slices were acquired along (``geometry.acquisition_slice_axis``:
+        the clearly thickest one, else the one closest to superior-inferior)."""
+        from .geometry import acquisition_slice_axis
+
+        return acquisition_slice_axis(self.affine)
+
     def with_array(self, array: np.ndarray, kind: str | None = None) -> "Image":
         """A new image on the same grid holding ``array``."""
         return Image(array, self.affine.copy(), kind if kind is not None else self.kind, dict(self.meta))

@@ -11,7 +11,8 @@ Record (JSON-serialisable)::
      "hips": {"left": {...}, "right": {...}}}
 
 Each hip: side, present, ifs_mm (3D), ifs_axial_mm, ifs_points / ifs_axial_points ([IT point,
-LT point]), ifs_slice / ifs_axial_slice (index along the label map's slice axis), the same for
+LT point]), ifs_slice / ifs_axial_slice (index along the label map's acquired-slice axis; no
+axial value when those slices are not axial), the same for
 qfs (hamstring tendon -> lesser trochanter or iliopsoas tendon), qfs_plausible (false when the
 QFS exceeds the IFS: a missed hamstring origin), qf_volume_ml, qf_max_csa_mm2,
 qf_volume_ratio_contralateral, qf_edema {grade, signal_ratio, fraction_above_reference, ...},
@@ -78,7 +79,7 @@ def _pair(a: Mask | None, b_list: list, affine, shape, ax: int):
     return d3, dax
 
 
-def _put_distance(rec: dict, key: str, d3, dax, missing: str) -> None:
+def _put_distance(rec: dict, key: str, d3, dax, missing: str, axial: bool = True) -> None:
     rec[f"{key}_mm"] = None if d3 is None else round(float(d3.mm), 3)
     rec[f"{key}_points"] = None if d3 is None else [d3.point_a.round(3).tolist(),
                                                    d3.point_b.round(3).tolist()]
@@ -90,7 +91,9 @@ def _put_distance(rec: dict, key: str, d3, dax, missing: str) -> None:
     if d3 is None:
         rec["reasons"][key] = missing
     elif dax is None:
-        rec["reasons"][f"{key}_axial"] = "no slice holds both structures"
+        rec["reasons"][f"{key}_axial"] = "no slice holds both structures" if axial else (
+            "the acquired slices are not axial, so there is no axial-slice value (the 3D value is "
+            "measured)")
 
 
 def _qfs_plausible(rec: dict, cfg: MeasureConfig) -> bool | None:
@@ -159,7 +162,8 @@ def _flags(rec: dict, cfg: MeasureConfig) -> list:
 def _measure_hip(side: str, hip: dict, other: dict | None, labels: Image, images: dict,
                  cfg: MeasureConfig, midplane) -> dict:
     aff, shape = labels.affine, labels.shape
-    ax = labels.slice_axis()
+    ax = geometry.acquisition_slice_axis(aff)
+    axial = geometry.axial_slices(aff)
     rec = _empty_hip(side, "")
     rec.update(present=True, reasons={}, warnings=[])
     warn = rec["warnings"]
@@ -170,10 +174,10 @@ def _measure_hip(side: str, hip: dict, other: dict | None, labels: Image, images
     d3, dax = _pair(it, [lt], aff, shape, ax)
     _put_distance(rec, "ifs", d3, dax, "needs ischial_tuberosity and lesser_trochanter, missing: "
                   + ", ".join(n for n, m in (("ischial_tuberosity", it), ("lesser_trochanter", lt))
-                              if m is None))
+                              if m is None), axial)
     d3, dax = _pair(ht, [lt, ip], aff, shape, ax)
     _put_distance(rec, "qfs", d3, dax, "needs hamstring_tendon and lesser_trochanter or "
-                  "iliopsoas_tendon")
+                  "iliopsoas_tendon", axial)
     rec["qfs_plausible"] = _qfs_plausible(rec, cfg)
 
     qf = hip.get("quadratus_femoris")

@@ -3,7 +3,8 @@
 Each intensity image stays on its own grid: a voxel of the image belongs to a structure when its
 centre, mapped through both affines into the label grid, falls in the structure's mask (nearest
 lookup, no interpolation of intensities). Masks are first eroded by one in-plane voxel so that
-partial volume with the surrounding fat or fluid does not enter the statistics.
+partial volume with the surrounding fat or fluid does not enter the statistics ("in-plane": within
+the acquired slices, whatever their orientation).
 
 * Edema (fluid-sensitive fat-suppressed image, T2 fat-sat or STIR): the upper reference limit
   (URL) is a high percentile of the reference muscle's (gluteus maximus) voxels; the share of QF
@@ -22,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from .config import MeasureConfig
-from .geometry import slice_axis
+from .geometry import acquisition_slice_axis, slice_axis
 from .image import Image
 from .sides import Mask
 
@@ -34,7 +35,7 @@ def erode_inplane(mask: Mask, affine: np.ndarray, min_voxels: int, depth_mm: flo
     voxel (the nearest-voxel lookup's slack), so that image voxels there do not straddle the
     boundary. Less deep if that would leave fewer than ``min_voxels`` (or a quarter)."""
     affine = np.asarray(affine, float)
-    ax = slice_axis(affine)
+    ax = acquisition_slice_axis(affine)
     sp = np.linalg.norm(affine[:3, :3], axis=0)
     inplane = [i for i in range(3) if i != ax]
     h = float(max(sp[inplane]))
@@ -73,7 +74,7 @@ def image_depth_mm(img: Image) -> float:
     """Depth inside a structure at which an image voxel centred there lies fully inside it
     (in-plane): half the image's largest in-plane voxel size."""
     sp = img.spacing
-    ax = img.slice_axis()
+    ax = img.acquisition_slice_axis()
     return 0.5 * float(max(sp[i] for i in range(3) if i != ax))
 
 
@@ -87,7 +88,7 @@ def noise_sigma(img: Image, mask: Mask, label_affine: np.ndarray) -> float | Non
         return None
     flat = np.unique(np.ravel_multi_index(v.T, img.shape))
     diffs = []
-    ax = img.slice_axis()
+    ax = img.acquisition_slice_axis()
     for a in (i for i in range(3) if i != ax):
         step = int(np.prod(img.shape[a + 1:]))
         nb = flat + step
@@ -128,7 +129,8 @@ def sample_in_mask(img: Image, mask: Mask, label_affine: np.ndarray,
 
 
 def atrophy(qf: Mask | None, affine: np.ndarray) -> dict:
-    """QF volume (ml) and largest cross-sectional area (mm^2) in the label map's slices."""
+    """QF volume (ml) and largest axial cross-sectional area (mm^2): over the label map's planes
+    across its axis closest to superior-inferior (its slices when they are axial)."""
     if qf is None or qf.count == 0:
         return {"qf_volume_ml": None, "qf_max_csa_mm2": None, "qf_max_csa_slice": None}
     affine = np.asarray(affine, float)

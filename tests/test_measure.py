@@ -108,6 +108,24 @@ def test_single_hip_field_of_view():
     assert rec["hips"]["left"]["ifs_mm"] == pytest.approx(16.0, abs=0.6)
 
 
+def test_coronal_acquisition_gives_3d_values_and_no_axial_ones():
+    """A coronal label grid (4 mm slices along anterior-posterior): the 3D values hold, the axial
+    ones are absent with a reason, and the narrowing flags fall back to the 3D value."""
+    img, truth = labels_image((0.8, 4.0, 0.8), perm=(0, 2, 1))
+    rec = measure_hips(img)
+    # measured: IFS -0.06 / -0.23 mm, QFS -1.03 / -0.82 mm (the QFS gap runs across the 4 mm
+    # slices, where the surfaces between slices are not determined by the data); stacking along
+    # superior-inferior instead gave +1.49 / +1.92 and +1.77 / +1.25 mm
+    for side, ifs, qfs in (("left", 12.0, 8.0), ("right", 20.0, 14.0)):
+        hip = rec["hips"][side]
+        assert hip["ifs_mm"] == pytest.approx(ifs, abs=0.6), side
+        assert hip["qfs_mm"] == pytest.approx(qfs, abs=1.2), side
+        assert hip["ifs_axial_mm"] is None and hip["qfs_axial_mm"] is None
+        assert "not axial" in hip["reasons"]["ifs_axial"]
+    flag = [f for f in rec["hips"]["left"]["flags"] if f["name"] == "ifs_narrow"][0]
+    assert "(3D)" in flag["text"]
+
+
 def test_empty_label_map_does_not_crash():
     rec = measure_hips(Image(np.zeros((20, 20, 5), np.uint8), np.eye(4)))
     assert not rec["hips"]["left"]["present"] and not rec["hips"]["right"]["present"]

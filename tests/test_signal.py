@@ -117,6 +117,17 @@ def test_erosion_keeps_small_structures():
     assert signal.erode_inplane(QF, AFF, 30).count == 18 * 18 * 8
 
 
+def test_erosion_stays_within_coronal_slices():
+    """On a coronal acquisition (4 mm slices along anterior-posterior, stored second) the boundary
+    layer is dropped within each slice, never across the thick slices."""
+    aff = make_affine((0.8, 4.0, 0.8), np.eye(3), (0, 0, 0), (60, 12, 60), perm=(0, 1, 2))
+    box = _box((10, 2, 10), (30, 10, 30), shape=(60, 12, 60))
+    er = signal.erode_inplane(box, aff, 30).array
+    idx = np.argwhere(er)
+    assert er.sum() == 18 * 8 * 18
+    assert idx[:, 1].min() == 2 and idx[:, 1].max() == 9        # all 8 slices kept
+
+
 def test_goutallier_bounds_single_definition():
     b = MeasureConfig().goutallier_ff_bounds
     assert [goutallier_grade(x) for x in (0.0, b[0] - 1e-6, b[0], b[1] + 0.01, b[2] + 0.01, 0.99)] \
