@@ -50,8 +50,11 @@ def write_dicom_series(image, out_dir, *, kind: str = "t1", shuffle: bool = True
                        overrides: dict | None = None, slice_positions=None) -> list[Path]:
     """Write ``image`` (a ``pipeline.image.Image`` or NIfTI path) as one DICOM file per slice.
 
-    Array axis 0 becomes the DICOM column index, axis 1 the row index, axis 2 the slice, so
-    reading the series back gives the same array and (after LPS -> RAS) the same affine.
+    The acquisition's slice axis (``pipeline.geometry.acquisition_slice_axis``: the thickest, in
+    any storage order) becomes the slice index; of the other two array axes, the first becomes
+    the DICOM column index and the second the row index. Reading the series back gives the array
+    with its axes in that order (unchanged when the slices are already last) and, after LPS ->
+    RAS, the matching affine: the same world geometry.
 
     Args:
         kind: sequence preset (``SEQUENCE_PRESETS``); "labels"-free intensity kinds only.
@@ -68,11 +71,18 @@ def write_dicom_series(image, out_dir, *, kind: str = "t1", shuffle: bool = True
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+    from pipeline.geometry import acquisition_slice_axis
     from pipeline.image import Image, load_nifti
     from pipeline.io import LPS_TO_RAS
 
     if not isinstance(image, Image):
         image = load_nifti(image, kind)
+    slice_ax = acquisition_slice_axis(image.affine)
+    if slice_ax != 2:
+        perm = [a for a in range(3) if a != slice_ax] + [slice_ax]
+        affine = image.affine.copy()
+        affine[:3, :3] = image.affine[:3, perm]
+        image = Image(np.transpose(image.array, perm), affine, image.kind, dict(image.meta))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

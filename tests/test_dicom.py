@@ -49,6 +49,31 @@ def test_round_trip_same_world_coordinates(tmp_path, flip):
     assert back.meta["sequence"]["SeriesDescription"] == "T1 TSE AX"
 
 
+@pytest.mark.parametrize("perm", [(2, 0, 1), (1, 2, 0)])
+def test_slices_stored_first_or_in_the_middle_become_the_dicom_slices(tmp_path, perm):
+    """A NIfTI stored slices-first (S, R, A, as some phantoms are) is written as an axial series
+    of its 6 slices with the in-plane pixel spacing, not as 20 thin 'coronal' files."""
+    img = _volume(oblique=False)
+    stored = Image(np.transpose(img.array, perm).copy(), img.affine.copy(), "t1")
+    stored.affine[:3, :3] = img.affine[:3, list(perm)]
+    files = write_dicom_series(stored, tmp_path / "s", shuffle=True)
+    assert len(files) == 6
+    (info,) = find_series(tmp_path / "s")
+    assert info.orientation == "axial"
+    import pydicom
+
+    ds = pydicom.dcmread(str(files[0]))
+    assert float(ds.SliceThickness) == pytest.approx(4.0)
+    assert sorted(float(v) for v in ds.PixelSpacing) == pytest.approx([0.8, 0.9])
+    back = load_series(tmp_path / "s", "t1")
+    # every voxel read back lies on a voxel centre of the original with the same intensity
+    ijk = np.argwhere(np.ones(back.shape, bool)).astype(float)
+    src = img.world_to_voxel(back.voxel_to_world(ijk))
+    np.testing.assert_allclose(src, np.rint(src), atol=1e-3)
+    i, j, k = np.rint(src).astype(int).T
+    np.testing.assert_allclose(back.array.ravel(), img.array[i, j, k], atol=0.05)
+
+
 def test_slice_order_comes_from_positions_not_instance_numbers(tmp_path):
     img = _volume(oblique=False)
     write_dicom_series(img, tmp_path / "a", shuffle=True, reverse_instance_numbers=True, seed=3)
