@@ -26,13 +26,6 @@ if __package__ in (None, ""):
 FACTOR = 2   # in-plane block size
 
 
-def _axis_along(affine: np.ndarray, direction: np.ndarray) -> int:
-    """The array axis of a grid whose world direction is most nearly parallel to ``direction``."""
-    m = np.asarray(affine, float)[:3, :3]
-    cos = np.abs(np.asarray(direction, float) @ m) / np.linalg.norm(m, axis=0)
-    return int(np.argmax(cos))
-
-
 def _block_affine(affine: np.ndarray, factor: int, slice_ax: int) -> np.ndarray:
     """Affine of a grid whose voxels are factor x factor blocks across the two in-plane axes (all
     but ``slice_ax``) of the grid of ``affine``; block (i, j, k) starts at voxel factor * index."""
@@ -73,6 +66,7 @@ def make_example(out_dir, seed: int = 4, index: int = 0) -> Path:
     import nibabel as nib
 
     from data_scripts.make_phantoms import generate_subject
+    from pipeline.geometry import acquisition_slice_axis
 
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,23 +75,21 @@ def make_example(out_dir, seed: int = 4, index: int = 0) -> Path:
         src = Path(tmp) / "example"
         staging = Path(tmp) / "reduced"
         staging.mkdir()
-        truth = json.loads((src / "truth.json").read_text())
         # The series may be stored with any axis order (the generator varies it): reduce across
         # the acquisition's slices, never along them.
-        t1_affine = nib.load(str(src / "t1.nii.gz")).affine
-        normal = t1_affine[:3, int(truth["acquisition"]["t1_slice_axis"])]
         for name in ("t1", row["fluid_kind"]):
             nii = nib.load(str(src / f"{name}.nii.gz"))
-            slice_ax = _axis_along(nii.affine, normal)
+            slice_ax = acquisition_slice_axis(nii.affine)
             data = reduce_intensity(nii.get_fdata(dtype=np.float32), slice_ax)
             img = nib.Nifti1Image(np.rint(data).astype(np.int16), _block_affine(nii.affine, FACTOR, slice_ax))
             nib.save(img, str(staging / f"{name}.nii.gz"))
         lab = nib.load(str(src / "labels.nii.gz"))
-        slice_ax = _axis_along(lab.affine, normal)
+        slice_ax = acquisition_slice_axis(lab.affine)
         nib.save(nib.Nifti1Image(reduce_labels(np.asarray(lab.dataobj), slice_ax),
                                  _block_affine(lab.affine, FACTOR, slice_ax)),
                  str(staging / "labels.nii.gz"))
         shutil.copy(src / "labels.json", staging / "labels.json")
+        truth = json.loads((src / "truth.json").read_text())
         truth["note"] = (f"example reduced {FACTOR}x{FACTOR} in-plane by data_scripts/make_example.py; "
                          "world coordinates unchanged")
         (staging / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")

@@ -6,7 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_scripts.make_example import _axis_along, _block_affine, reduce_intensity, reduce_labels
+from data_scripts.make_example import _block_affine, reduce_intensity, reduce_labels
+from pipeline.geometry import acquisition_slice_axis
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,12 +53,6 @@ def test_reduction_keeps_the_slices_and_the_world_position(slice_ax):
     assert lab_moved[0, 1, 1] == int(np.argmax(counts))       # majority, ties to the smaller value
 
 
-def test_axis_along_finds_the_slice_axis_of_any_storage_order():
-    affine = np.array([[0, -0.7, 0, 0], [0, 0, 0.7, 0], [4.0, 0, 0, 0], [0, 0, 0, 1]])
-    assert _axis_along(affine, [0, 0, 1.0]) == 0
-    assert _axis_along(affine, [1.0, 0, 0]) == 1
-
-
 def test_bundled_example_keeps_its_acquisition_slices():
     """The example scan has the generator's slice thickness, not a doubled one."""
     folder = REPO / "data_scripts" / "example"
@@ -67,6 +62,6 @@ def test_bundled_example_keeps_its_acquisition_slices():
     for name in ("t1", "stir", "labels"):
         img = nib.load(str(folder / f"{name}.nii.gz"))
         spacing = np.linalg.norm(img.affine[:3, :3], axis=0)
-        ax = _axis_along(img.affine, [0, 0, 1.0])
+        ax = acquisition_slice_axis(img.affine)
         assert np.isclose(spacing[ax], truth["grids"]["t1"]["slice_spacing"], atol=1e-3), name
         assert np.allclose(np.delete(spacing, ax), 2 * truth["grids"]["t1"]["pixel"][0], atol=1e-3), name
