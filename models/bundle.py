@@ -20,11 +20,16 @@ BUNDLE_FORMAT = 1
 
 #: Where the bundled default model lives (committed to the repository).
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "ifi_seg_default"
+#: Bundles shipped with the code, by the short name ``--model`` also accepts (README: Performance).
+BUNDLED = {"default": DEFAULT_BUNDLE, "extended": DEFAULT_BUNDLE.with_name("ifi_seg_extended")}
 
 
 def bundle_paths(path: str | Path) -> tuple[Path, Path]:
-    """(weights, metadata) paths for a bundle given as prefix, .safetensors or .json path."""
+    """(weights, metadata) paths for a bundle given as prefix, .safetensors or .json path, or as
+    the short name of a shipped bundle (``BUNDLED``) when no such file is there."""
     p = Path(path)
+    if str(path) in BUNDLED and not p.with_name(p.name + ".safetensors").exists():
+        p = BUNDLED[str(path)]
     if p.suffix in (".safetensors", ".json"):
         p = p.with_suffix("")
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,6 +102,23 @@ def test_bundle_round_trip_without_pickle(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing"):
         load_model(tmp_path / "absent")
     assert bundle_paths(tmp_path / "x.json")[0].name == "x.safetensors"
+
+
+def test_shipped_bundles_by_short_name(tmp_path, monkeypatch):
+    from models.bundle import BUNDLED, DEFAULT_BUNDLE
+
+    monkeypatch.chdir(tmp_path)
+    for name, prefix in BUNDLED.items():
+        weights, meta_path = bundle_paths(name)
+        assert weights == prefix.with_name(prefix.name + ".safetensors") and weights.exists(), name
+        meta = json.loads(meta_path.read_text())
+        # same network and interface as the default, so either can be swapped in
+        default = json.loads(bundle_paths(DEFAULT_BUNDLE)[1].read_text())
+        for key in ("labels", "input_channels", "working_spacing_mm", "normalisation", "architecture"):
+            assert meta[key] == default[key], (name, key)
+        assert "phantom" in meta["training"]["description"], name
+    save_bundle(tmp_path / "extended", model_from_metadata(default_metadata()), default_metadata())
+    assert bundle_paths("extended")[0] == Path("extended.safetensors")   # a file there wins
 
 
 @pytest.fixture(scope="module")
