@@ -248,8 +248,9 @@ def train_transforms(meta: dict, cache_dir: Path, samples: int, patch) -> "objec
 
     ``samples``: patches drawn from each subject (the loader stacks the subjects of one step).
     """
-    from monai.transforms import (CastToTyped, ClassesToIndicesd, Compose, EnsureTyped, Rand3DElasticd,
-                                  RandAdjustContrastd, RandAffined, RandBiasFieldd, RandCropByLabelClassesd,
+    from monai.transforms import (CastToTyped, ClassesToIndicesd, Compose, EnsureTyped, Identityd, OneOf,
+                                  Rand3DElasticd, RandAdjustContrastd, RandAffined, RandBiasFieldd,
+                                  RandCropByLabelClassesd,
                                   RandFlipd, RandGaussianNoised, RandGaussianSmoothd, RandGridDistortiond,
                                   RandHistogramShiftd, RandSimulateLowResolutiond, SpatialPadd)
 
@@ -277,8 +278,11 @@ def train_transforms(meta: dict, cache_dir: Path, samples: int, patch) -> "objec
         # patches mostly get the grid distortion and only a few the elastic field.
         RandGridDistortiond(keys, num_cells=(4, 4, 2), distort_limit=(-0.1, 0.1), prob=0.2,
                             mode=("bilinear", "nearest"), padding_mode="zeros"),
-        Rand3DElasticd(keys, sigma_range=(6, 8), magnitude_range=(20, 60), prob=0.03,
-                       mode=("bilinear", "nearest"), padding_mode="zeros"),
+        # OneOf rather than prob=0.03: MONAI's Rand3DElasticd resamples every patch through an
+        # identity grid when it draws "no" (29 of 72 ms per patch, measured), OneOf skips it.
+        OneOf([Rand3DElasticd(keys, sigma_range=(6, 8), magnitude_range=(20, 60), prob=1.0,
+                              mode=("bilinear", "nearest"), padding_mode="zeros"),
+               Identityd(keys)], weights=(0.03, 0.97)),
         RandDomainRandomisationd(("image",), "label", prob=0.3),
         RandBiasFieldd("image", coeff_range=(0.0, 0.3), prob=0.3),
         RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),

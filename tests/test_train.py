@@ -164,15 +164,17 @@ def test_spatial_augmentations_move_image_and_labels_together(tmp_path):
     """Every spatial step of the training chain (flip, affine, grid distortion, elastic field),
     forced on, must deform the image and the label map alike: away from label edges the image,
     made from the labels, still reads the label value under it."""
-    from monai.transforms import RandAffined, RandFlipd, RandGridDistortiond, Rand3DElasticd
+    from monai.transforms import OneOf, RandAffined, RandFlipd, RandGridDistortiond, Rand3DElasticd
 
     from models.bundle import default_metadata
     from pipeline.training import train_transforms
 
     patch = (32, 32, 8)
     chain = train_transforms(default_metadata(patch_size=list(patch)), tmp_path, 1, patch)
-    spatial = [t for t in chain.transforms
-               if isinstance(t, (RandFlipd, RandAffined, RandGridDistortiond, Rand3DElasticd))]
+    steps = [u for t in chain.transforms for u in (t.transforms if isinstance(t, OneOf) else [t])]
+    spatial = [t for t in steps if isinstance(t, (RandFlipd, RandAffined, RandGridDistortiond, Rand3DElasticd))]
+    elastic = next(t for t in chain.transforms if isinstance(t, OneOf))
+    assert isinstance(elastic.transforms[0], Rand3DElasticd) and elastic.weights[0] == pytest.approx(0.03)
     assert {type(t) for t in spatial} == {RandFlipd, RandAffined, RandGridDistortiond, Rand3DElasticd}
     for t in spatial:
         t.prob = 1.0
