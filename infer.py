@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", metavar="DIR", help="output folder (default for --demo: demo_output)")
     out.add_argument("--subject", metavar="ID", help="subject ID recorded in the outputs (default: folder name)")
     out.add_argument("--config", metavar="JSON", help="cut-offs file (keys of pipeline.config.MeasureConfig)")
-    out.add_argument("--model", metavar="PATH", help="model bundle: a path, or 'extended' for the bundled model trained longer on a GPU "
+    out.add_argument("--model", metavar="PATH",
+                     help="model bundle: a path, or 'extended' for the bundled model trained longer on a GPU "
                           "(more accurate on the phantoms; see README) (default: the bundled default model)")
     out.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="where the network runs (auto: CUDA when available)")

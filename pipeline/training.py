@@ -250,9 +250,9 @@ def train_transforms(meta: dict, cache_dir: Path, samples: int, patch) -> "objec
     """
     from monai.transforms import (CastToTyped, ClassesToIndicesd, Compose, EnsureTyped, Identityd, OneOf,
                                   Rand3DElasticd, RandAdjustContrastd, RandAffined, RandBiasFieldd,
-                                  RandCropByLabelClassesd,
-                                  RandFlipd, RandGaussianNoised, RandGaussianSmoothd, RandGridDistortiond,
-                                  RandHistogramShiftd, RandSimulateLowResolutiond, SpatialPadd)
+                                  RandCropByLabelClassesd, RandFlipd, RandGaussianNoised, RandGaussianSmoothd,
+                                  RandGridDistortiond, RandHistogramShiftd, RandSimulateLowResolutiond,
+                                  SpatialPadd)
 
     patch = tuple(int(p) for p in patch)
     big = (int(patch[0] * 1.25), int(patch[1] * 1.25), int(patch[2] + 4))

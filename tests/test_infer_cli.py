@@ -92,11 +92,11 @@ def test_dicom_study_choice_printed_and_used(tmp_path, capsys):
     assert rec["provenance"]["inputs"]["fluid"]["kind"] == "stir"
 
 
-@pytest.mark.parametrize("model", [None, "models/ifi_seg_extended"])
+@pytest.mark.parametrize("model", [None, "extended"])
 def test_demo(tmp_path, model):
     if not (REPO / "data_scripts" / "example" / "t1.nii.gz").exists():
         pytest.skip("bundled example not generated (python data_scripts/make_example.py)")
-    extra = [] if model is None else ["--model", str(REPO / model)]
+    extra = [] if model is None else ["--model", model]
     assert infer.main(["--demo", "--out", str(tmp_path / "demo"), "--quiet", "--device", "cpu"] + extra) == 0
     rec = json.loads((tmp_path / "demo" / "measurements.json").read_text())
     assert rec["subject"] == "example" and set(rec["hips"]) == {"left", "right"}

@@ -108,12 +108,12 @@ def test_shipped_bundles_by_short_name(tmp_path, monkeypatch):
     from models.bundle import BUNDLED, DEFAULT_BUNDLE
 
     monkeypatch.chdir(tmp_path)
+    default = json.loads(bundle_paths(DEFAULT_BUNDLE)[1].read_text())
     for name, prefix in BUNDLED.items():
         weights, meta_path = bundle_paths(name)
         assert weights == prefix.with_name(prefix.name + ".safetensors") and weights.exists(), name
         meta = json.loads(meta_path.read_text())
         # same network and interface as the default, so either can be swapped in
-        default = json.loads(bundle_paths(DEFAULT_BUNDLE)[1].read_text())
         for key in ("labels", "input_channels", "working_spacing_mm", "normalisation", "architecture"):
             assert meta[key] == default[key], (name, key)
         assert "phantom" in meta["training"]["description"], name
