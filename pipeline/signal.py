@@ -12,9 +12,9 @@ the acquired slices, whatever their orientation).
   quantitative-STIR method of the muscle literature; ``MeasureConfig`` holds the thresholds).
 * Fat: with Dixon, fat / (fat + water) per voxel averaged over the QF; without, the QF's mean
   T1 signal mapped between reference muscle and subcutaneous fat. Both average over the QF's
-  core (``MeasureConfig.fat_core_depth_mm`` deep in-plane), so that an outline straying into
-  the surrounding fat does not read as fatty infiltration. Goutallier grade from
-  ``MeasureConfig.goutallier_grade``.
+  core (``MeasureConfig.fat_core_depth_mm`` deep in-plane; for the larger Dixon voxels their whole
+  extent that deep), so that an outline straying into the surrounding fat does not read as fatty
+  infiltration. Goutallier grade from ``MeasureConfig.goutallier_grade``.
 * Atrophy: QF volume (ml) and largest cross-sectional area in the label map's slices (mm^2).
 """
 from __future__ import annotations
@@ -193,9 +193,11 @@ def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
               cfg: MeasureConfig, reference: Mask | None = None) -> dict:
     """Mean fat fraction fat / (fat + water) over the QF from magnitude Dixon images.
 
-    Dixon voxels lying wholly inside the QF in-plane count (the mask is eroded in-plane by half
-    a Dixon voxel). The magnitude noise floor, which lifts the small fat signal of lean muscle, is
-    removed per voxel (sqrt(M^2 - sigma^2)); sigma comes from neighbour differences of the
+    Dixon voxels lying wholly inside the QF's core in-plane count: the mask is eroded in-plane by
+    half a Dixon voxel plus ``fat_core_depth_mm``. Dixon voxels are often 2-3 mm, so a voxel
+    merely centred that deep would still reach to within a millimetre of the outline and read
+    the fat beyond an outline that strays outward. The magnitude noise floor, which lifts the
+    small fat signal of lean muscle, is removed per voxel (sqrt(M^2 - sigma^2)); sigma comes from neighbour differences of the
     water image inside the reference muscle (water and fat share one acquisition's noise).
     """
     from .image import resample_like
@@ -205,8 +207,11 @@ def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
     # in-plane erosion only: also dropping the QF's first / last label slices (partial volume
     # at its ends) samples a heterogeneous muscle (fat streaks vary along it) so unevenly that
     # it costs more than it saves (phantom cohort: fat-fraction MAE 0.066 with, 0.02 without)
+    # the voxel's whole extent, not just its centre, that deep (held-out phantoms, 40 Dixon hips
+    # of two cohorts, the bundled models' outlines: fat-fraction bias 40-50 % lower, MAE lower;
+    # for T1's sub-millimetre voxels the deeper core costs more than it saves: README)
     m = erode_inplane(qf, label_affine, cfg.min_signal_voxels,
-                      max(image_depth_mm(fat), cfg.fat_core_depth_mm))
+                      image_depth_mm(fat) + cfg.fat_core_depth_mm)
     f = sample_in_mask(fat, m, label_affine)
     w = sample_in_mask(water, m, label_affine)
     sigma = None

@@ -154,3 +154,20 @@ def test_fat_fraction_ignores_an_outline_straying_into_fat():
     water = (100.0 - fat).astype(np.float32)
     dx = signal.fat_dixon(Image(fat, AFF), Image(water, AFF), wide, AFF, cfg)
     assert dx["fat_fraction"] == pytest.approx(0.03, abs=1e-6)
+
+
+def test_dixon_core_keeps_coarse_voxels_clear_of_fat_beyond_a_wide_outline():
+    """Dixon voxels of 2.4 mm (3 label voxels) on an outline 1.6 mm too wide: a voxel centred
+    2 mm inside the outline still straddles the fat beyond the true QF; the core must not take it."""
+    fine = np.full((60, 60, 12), 0.9, np.float32)    # fat fraction on the label grid
+    fine[QF.array] = 0.03
+    wide = _box((8, 8, 2), (32, 32, 10))
+    # Dixon voxel (i, j) covers label voxels 3i..3i+2, 3j..3j+2 (centre on label voxel 3i+1)
+    aff = AFF.copy()
+    aff[:3, :2] *= 3.0
+    aff[:3, 3] = AFF[:3, :3] @ np.array([1.0, 1.0, 0.0]) + AFF[:3, 3]
+    ff = fine.reshape(20, 3, 20, 3, 12).mean(axis=(1, 3))
+    fat, water = (100.0 * ff).astype(np.float32), (100.0 * (1.0 - ff)).astype(np.float32)
+    assert ff[3, 5, 5] == pytest.approx((0.9 + 2 * 0.03) / 3)      # straddles the QF's edge
+    out = signal.fat_dixon(Image(fat, aff), Image(water, aff), wide, AFF, MeasureConfig())
+    assert out["fat_fraction"] == pytest.approx(0.03, abs=1e-6)
