@@ -78,9 +78,10 @@ class MeasureConfig:
     # with the neighbouring fat / fluid), unless that leaves fewer than this many voxels.
     min_signal_voxels: int = 30
     # Fat fraction is averaged over the QF's core: voxels at least this deep (mm, in-plane) inside
-    # the outline (T1: the voxel centres; the coarser Dixon voxels: their whole extent). A segmentation that strays by a voxel into the fat around the muscle lifts a
-    # healthy QF's mean fat fraction from 0.03 past the grade-1 bound (bundled network on held-out
-    # phantoms: Goutallier agreement 78 % with one voxel of erosion, ~90 % with 2 mm).
+    # the outline (T1: the voxel centres; the coarser Dixon voxels: their whole extent). A
+    # segmentation that strays by a voxel into the fat around the muscle lifts a healthy QF's mean
+    # fat fraction from 0.03 past the grade-1 bound (bundled network on held-out phantoms:
+    # Goutallier agreement 78 % with one voxel of erosion, ~90 % with 2 mm).
     fat_core_depth_mm: float = 2.0
     # Reference tissues (gluteus maximus, subcutaneous fat) are taken within this distance (box
     # half-size) of the QF centre, where the coil sensitivity (bias field) is nearly the same.

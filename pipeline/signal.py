@@ -197,8 +197,9 @@ def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
     half a Dixon voxel plus ``fat_core_depth_mm``. Dixon voxels are often 2-3 mm, so a voxel
     merely centred that deep would still reach to within a millimetre of the outline and read
     the fat beyond an outline that strays outward. The magnitude noise floor, which lifts the
-    small fat signal of lean muscle, is removed per voxel (sqrt(M^2 - sigma^2)); sigma comes from neighbour differences of the
-    water image inside the reference muscle (water and fat share one acquisition's noise).
+    small fat signal of lean muscle, is removed per voxel (sqrt(M^2 - sigma^2)); sigma comes from
+    neighbour differences of the water image inside the reference muscle (water and fat share one
+    acquisition's noise).
     """
     from .image import resample_like
 
