@@ -158,7 +158,8 @@ def test_fat_fraction_ignores_an_outline_straying_into_fat():
 
 def test_dixon_core_keeps_coarse_voxels_clear_of_fat_beyond_a_wide_outline():
     """Dixon voxels of 2.4 mm (3 label voxels) on an outline 1.6 mm too wide: a voxel centred
-    2 mm inside the outline still straddles the fat beyond the true QF; the core must not take it."""
+    2 mm inside the outline still straddles the fat beyond the true QF; the core must not take
+    it."""
     fine = np.full((60, 60, 12), 0.9, np.float32)    # fat fraction on the label grid
     fine[QF.array] = 0.03
     wide = _box((8, 8, 2), (32, 32, 10))
