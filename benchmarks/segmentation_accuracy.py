@@ -1,7 +1,7 @@
 """Accuracy of the segmentation network on a phantom cohort, with exact ground truth.
 
     python benchmarks/segmentation_accuracy.py --cohort DIR [--model PATH] [--modes both,t1,fluid]
-                                               [--limit N] [--out results.csv]
+                                               [--limit N] [--out results.csv] [--dixon]
 
 For every subject of ``DIR/cohort.csv`` and every input mode (both sequences / T1 only / fluid
 only) it segments the scan and reports:
@@ -12,9 +12,10 @@ only) it segments the scan and reports:
   none of that class (> 100 mm^3 counts as confusion), (b) a measured hip whose IFS points lie
   nearer to the other truth hip;
 * end to end: ``pipeline.measure.measure_hips`` on the predicted labels vs ``truth.json``
-  (IFS ``ifs_3d_mm``, QFS ``qfs_3d_mm``, edema grade, Goutallier grade), the QFS error also
-  split by the module's plausibility check (``qfs_plausible``: false when QFS > IFS); the same
-  on the true label map (``--truth-labels``) separates segmentation error from measurement error.
+  (IFS ``ifs_3d_mm``, QFS ``qfs_3d_mm``, edema grade, Goutallier grade: from T1, or from Dixon
+  with ``--dixon``), the QFS error also split by the module's plausibility check
+  (``qfs_plausible``: false when QFS > IFS); the same on the true label map
+  (``--truth-labels``) separates segmentation error from measurement error.
 
 Prints a summary (means per mode) against the targets of the issue; writes one CSV row per
 subject, mode and side with ``--out``.
@@ -72,8 +73,11 @@ def side_map(img, centres: dict) -> np.ndarray | None:
 
 
 def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
-                     bf16: bool | None = None, mirror: bool | None = None) -> list[dict]:
-    """All metrics of one subject; one dict per (mode, side) plus one per mode with side 'all'."""
+                     bf16: bool | None = None, mirror: bool | None = None,
+                     dixon: bool = False) -> list[dict]:
+    """All metrics of one subject; one dict per (mode, side) plus one per mode with side 'all'.
+    With ``dixon`` the subject's Dixon images (if any) go to the measurement, not the network,
+    as ``infer.py --dixon-fat/--dixon-water`` does: the fat grade then comes from Dixon."""
     from pipeline.measure import measure_hips
     from pipeline.segment import segment
 
@@ -86,6 +90,9 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
     truth = json.loads((cohort / row["truth"]).read_text()) if row.get("truth") else {}
     centres = hip_centres(truth)
     all_imgs = {"t1": t1, "fluid": fluid}
+    dixon_imgs = {}
+    if dixon and row.get("dixon_fat") and row.get("dixon_water"):
+        dixon_imgs = {k: load_nifti(cohort / row[k], k) for k in ("dixon_fat", "dixon_water")}
     rows = []
     runs = [(m, {k: v for k, v in all_imgs.items() if v is not None and (m == "both" or k == m)}) for m in modes]
     if truth_labels:
@@ -104,7 +111,7 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
         tl = truth_lab if (pred.shape == truth_lab.shape and np.allclose(pred.affine, truth_lab.affine)) \
             else resample_like(truth_lab, pred, order=0)
         sides = side_map(pred, centres)
-        measured = measure_hips(pred, meas_imgs)
+        measured = measure_hips(pred, {**meas_imgs, **dixon_imgs})
         voxel_mm3 = float(abs(np.linalg.det(pred.affine[:3, :3])))
         for side in ("all", *SIDES):
             rec = {"subject": row["subject"], "mode": mode, "side": side, "seconds": round(seconds, 2)}
@@ -139,6 +146,7 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
                 ed = (m.get("qf_edema") or {}).get("grade")
                 rec["edema_grade"], rec["edema_truth"] = ed, t.get("qf_edema")
                 rec["goutallier"], rec["goutallier_truth"] = m.get("qf_goutallier_grade"), t.get("qf_goutallier_grade")
+                rec["fat_method"] = m.get("qf_fat_method")
                 pts = m.get("ifs_points")
                 if pts and len(centres) == 2:
                     p = np.mean(np.asarray(pts, float), axis=0)
@@ -186,6 +194,12 @@ def summarise(rows: list[dict]) -> str:
                 agree = np.mean([str(a) == str(b) for a, b in graded])
                 lines.append(f"  {key} agreement {agree:.2f} (n={len(graded)}, not gradable "
                              f"{len(pairs) - len(graded)})")
+                methods = sorted({str(r.get("fat_method")) for r in sd if r.get("fat_method")})
+                if key == "goutallier" and len(methods) > 1:
+                    for meth in methods:
+                        g = [str(r[key]) == str(r["goutallier_truth"]) for r in sd
+                             if r.get("fat_method") == meth and r.get("goutallier_truth") is not None]
+                        lines.append(f"    from {meth}: {np.mean(g):.2f} (n={len(g)})")
             elif pairs:  # e.g. edema without a fluid series: reported as null, by design
                 lines.append(f"  {key}: not gradable with these inputs (n={len(pairs)})")
         secs = [r["seconds"] for r in rs if r["seconds"]]
@@ -202,6 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="both,t1,fluid")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--truth-labels", action="store_true", help="also measure on the true label maps")
+    ap.add_argument("--dixon", action="store_true",
+                    help="give the subjects' Dixon images to the measurement (fat grade from Dixon)")
     ap.add_argument("--out", default=None, help="CSV of per-subject/side results")
     ap.add_argument("--bf16", choices=["model", "on", "off"], default="model",
                     help="bfloat16 autocast at inference (default: the model metadata's choice)")
@@ -220,7 +236,7 @@ def main(argv=None) -> int:
     for i, row in enumerate(subjects):
         bf16 = None if a.bf16 == "model" else a.bf16 == "on"
         mirror = None if a.mirror_tta == "model" else a.mirror_tta == "on"
-        rows.extend(evaluate_subject(row, cohort, model, modes, a.truth_labels, bf16, mirror))
+        rows.extend(evaluate_subject(row, cohort, model, modes, a.truth_labels, bf16, mirror, a.dixon))
         print(f"[{i + 1}/{len(subjects)}] {row['subject']}", file=sys.stderr)
     print(summarise(rows))
     if a.out:
