@@ -194,8 +194,9 @@ def summarise(rows: list[dict]) -> str:
                 agree = np.mean([str(a) == str(b) for a, b in graded])
                 lines.append(f"  {key} agreement {agree:.2f} (n={len(graded)}, not gradable "
                              f"{len(pairs) - len(graded)})")
-                methods = sorted({str(r.get("fat_method")) for r in sd if r.get("fat_method")})
-                if key == "goutallier" and len(methods) > 1:
+                methods = sorted({r["fat_method"] for r in sd if r.get("fat_method")}) \
+                    if key == "goutallier" else []
+                if len(methods) > 1:  # split only when Dixon and T1 both graded (--dixon)
                     for meth in methods:
                         g = [str(r[key]) == str(r["goutallier_truth"]) for r in sd
                              if r.get("fat_method") == meth and r.get("goutallier_truth") is not None]
