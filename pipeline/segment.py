@@ -11,8 +11,11 @@ Post-processing (conservative; sides are never relabelled, classes are side-agno
     apart along the world left-right axis, offset within 45 degrees of that axis, each at least
     10 % of the largest component, similar sizes: ``pipeline.sides.left_right_pair``), else the
     largest component alone (single hip), plus fragments whose centroid lies within 10 mm of a
-    kept component's bounding box (a structure broken by a slice gap). Everything else of that
-    class is an island: a large stray blob in front of the pelvis does not displace a femur.
+    kept component's bounding box (a structure broken by a slice gap), plus, for the hamstring
+    and iliopsoas tendons, components touching (within 3 mm of) the kept landmark they attach to
+    (ischial tuberosity, lesser trochanter): the top of the hamstring origin, where QFS is
+    measured, is often a separate piece. Everything else of that class is an island: a large
+    stray blob in front of the pelvis does not displace a femur.
     The bony landmarks are chosen among the components touching their bone when there are any
     (lesser trochanter: within 3 mm of the kept femur; ischial tuberosity: of the kept pelvis),
     so a detached blob behind the hips is not taken for a lesser trochanter.
@@ -47,6 +50,11 @@ CONFIDENCE_WARN = 0.7
 #: Bony landmarks and the bone they belong to: post-processing keeps the landmark's components
 #: that touch (within ``ATTACHED_MM`` of) the kept bone when there are any.
 PARENT_BONE = {"lesser_trochanter": "femur", "ischial_tuberosity": "pelvis"}
+#: Tendons and the landmark they attach to: post-processing also keeps a tendon's components that
+#: touch (within ``ATTACHED_MM`` of) the kept landmark, however far from the tendon's main part.
+#: The top of the hamstring origin is often a separate piece on the ischial tuberosity (the
+#: network labels the slices below it as bone or muscle), and it is where QFS is measured.
+ATTACHMENT = {"hamstring_tendon": "ischial_tuberosity", "iliopsoas_tendon": "lesser_trochanter"}
 #: Post-processing constants (mm, mm^3).
 ATTACHED_MM = 3.0
 POSTPROCESS_PASSES = 2
@@ -244,6 +252,10 @@ def postprocess(labels: np.ndarray, affine: np.ndarray, only=None) -> tuple[np.n
             for lo, hi in boxes:
                 near = np.all((cents >= lo - FRAGMENT_MARGIN_MM) & (cents <= hi + FRAGMENT_MARGIN_MM), axis=1)
                 keep[1:] |= near
+            if name in ATTACHMENT and not keep[1:].all():
+                dist = _distance_to_parent(lab, n, sl, labels, LABELS[ATTACHMENT[name]], remove, spacing,
+                                           ATTACHED_MM)
+                keep[1:] |= dist <= ATTACHED_MM
         else:
             total = counts.sum()
             keep[1:] = (counts >= 0.01 * total) | (counts * voxel_mm3 >= ISLAND_MAX_MM3)

@@ -213,6 +213,27 @@ def test_postprocess_keeps_the_lesser_trochanters_that_touch_a_femur():
     assert not remove[20:30, 150:160].any() and remove[30:34, 30:34, 3:6].all()
 
 
+def test_postprocess_keeps_the_hamstring_origin_top_on_the_ischial_tuberosity():
+    """The top of the hamstring origin, a piece on the ischial tuberosity 30 mm above the rest of
+    the tendon (the network labels the slices between as bone or muscle), is kept: QFS is
+    measured there, and dropping it measured QFS 10-15 mm too large on held-out phantoms. A
+    piece as far away that touches no tuberosity is still an island."""
+    lab = np.zeros((200, 60, 20), np.uint8)
+    pel, it, hs = LABELS["pelvis"], LABELS["ischial_tuberosity"], LABELS["hamstring_tendon"]
+    aff = np.diag([0.8, 0.8, 4.0, 1.0])
+    for x0, sign in ((10, 1), (170, -1)):               # left and right hips
+        lab[x0:x0 + 20, 10:30, 12:20] = pel
+        lab[x0:x0 + 20, 30:40, 12:18] = it               # tuberosity below the pelvis
+        top = (slice(x0 + 20, x0 + 23) if sign > 0 else slice(x0 - 3, x0), slice(32, 36), slice(14, 17))
+        lab[top] = hs                                    # origin's top, against the tuberosity
+        lab[x0:x0 + 20, 40:48, 0:5] = hs                 # the tendon, 9 slices (36 mm) lower
+    lab[90:93, 5:8, 14:17] = hs                          # as far away, touching nothing
+    remove, removed = postprocess(lab, aff)
+    assert not remove[30:33, 32:36, 14:17].any() and not remove[167:170, 32:36, 14:17].any()
+    assert remove[90:93, 5:8, 14:17].all()
+    assert removed == {"hamstring_tendon": 27}
+
+
 def test_segment_relabels_islands_created_by_relabelling(monkeypatch, small_model):
     """An island's runner-up class may itself form an island (a stray 'femur' blob whose second
     choice is 'lesser trochanter'): the second post-processing pass removes that too."""
