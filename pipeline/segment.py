@@ -235,13 +235,17 @@ def postprocess(labels: np.ndarray, affine: np.ndarray, only=None) -> tuple[np.n
         if n <= 1:
             continue
         keep = np.zeros(n + 1, bool)
+
+        def touching(parent: str) -> np.ndarray:
+            """Which components lie within ``ATTACHED_MM`` of the kept voxels of ``parent``."""
+            return _distance_to_parent(lab, n, sl, labels, LABELS[parent], remove, spacing,
+                                       ATTACHED_MM) <= ATTACHED_MM
+
         if name in PAIRED:
             counts, cents = _component_stats(lab, n, sub_aff)
             pool = np.arange(n)
             if name in PARENT_BONE:
-                dist = _distance_to_parent(lab, n, sl, labels, LABELS[PARENT_BONE[name]], remove, spacing,
-                                           ATTACHED_MM)
-                attached = np.flatnonzero(dist <= ATTACHED_MM)
+                attached = np.flatnonzero(touching(PARENT_BONE[name]))
                 if attached.size:
                     pool = attached
             pair = left_right_pair(cents[pool], counts[pool], CONTRALATERAL_MIN_MM)
@@ -253,9 +257,7 @@ def postprocess(labels: np.ndarray, affine: np.ndarray, only=None) -> tuple[np.n
                 near = np.all((cents >= lo - FRAGMENT_MARGIN_MM) & (cents <= hi + FRAGMENT_MARGIN_MM), axis=1)
                 keep[1:] |= near
             if name in ATTACHMENT and not keep[1:].all():
-                dist = _distance_to_parent(lab, n, sl, labels, LABELS[ATTACHMENT[name]], remove, spacing,
-                                           ATTACHED_MM)
-                keep[1:] |= dist <= ATTACHED_MM
+                keep[1:] |= touching(ATTACHMENT[name])
         else:   # sizes only: centroids of the large unpaired classes would cost a full scan
             counts = np.bincount(lab.ravel(), minlength=n + 1)[1:]
             total = counts.sum()

@@ -205,12 +205,12 @@ def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
 
     if fat.shape != water.shape or not np.allclose(fat.affine, water.affine, atol=1e-3):
         water = resample_like(water, fat, order=1)
-    # in-plane erosion only: also dropping the QF's first / last label slices (partial volume
+    # In-plane erosion only: also dropping the QF's first / last label slices (partial volume
     # at its ends) samples a heterogeneous muscle (fat streaks vary along it) so unevenly that
-    # it costs more than it saves (phantom cohort: fat-fraction MAE 0.066 with, 0.02 without)
-    # the voxel's whole extent, not just its centre, that deep (held-out phantoms, 40 Dixon hips
-    # of two cohorts, the bundled models' outlines: fat-fraction bias 40-50 % lower, MAE lower;
-    # for T1's sub-millimetre voxels the deeper core costs more than it saves: README)
+    # it costs more than it saves (phantom cohort: fat-fraction MAE 0.066 with, 0.02 without).
+    # The voxel's whole extent, not just its centre, lies that deep (held-out phantoms, 40 Dixon
+    # hips of two cohorts, the bundled models' outlines: fat-fraction bias 40-50 % lower, MAE
+    # lower); for T1's sub-millimetre voxels the deeper core costs more than it saves (README).
     m = erode_inplane(qf, label_affine, cfg.min_signal_voxels,
                       image_depth_mm(fat) + cfg.fat_core_depth_mm)
     f = sample_in_mask(fat, m, label_affine)
