@@ -74,7 +74,7 @@ def side_map(img, centres: dict) -> np.ndarray | None:
 
 def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
                      bf16: bool | None = None, mirror: bool | None = None,
-                     dixon: bool = False) -> list[dict]:
+                     dixon: bool = False, config=None) -> list[dict]:
     """All metrics of one subject; one dict per (mode, side) plus one per mode with side 'all'.
     With ``dixon`` the subject's Dixon images (if any) go to the measurement, not the network,
     as ``infer.py --dixon-fat/--dixon-water`` does: the fat grade then comes from Dixon."""
@@ -111,7 +111,7 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
         tl = truth_lab if (pred.shape == truth_lab.shape and np.allclose(pred.affine, truth_lab.affine)) \
             else resample_like(truth_lab, pred, order=0)
         sides = side_map(pred, centres)
-        measured = measure_hips(pred, {**meas_imgs, **dixon_imgs})
+        measured = measure_hips(pred, {**meas_imgs, **dixon_imgs}, config=config)
         voxel_mm3 = float(abs(np.linalg.det(pred.affine[:3, :3])))
         for side in ("all", *SIDES):
             rec = {"subject": row["subject"], "mode": mode, "side": side, "seconds": round(seconds, 2)}
@@ -225,8 +225,13 @@ def main(argv=None) -> int:
     ap.add_argument("--mirror-tta", choices=["model", "on", "off"], default="model",
                     help="left-right mirror test-time augmentation, twice the network time "
                          "(default: the model metadata's choice)")
+    ap.add_argument("--measure-config", default=None,
+                    help="JSON overriding MeasureConfig for the measurement, as infer.py --config")
     a = ap.parse_args(argv)
+    from pipeline.config import load_config
     from pipeline.segment import load_model
+
+    config = load_config(a.measure_config)
 
     cohort = Path(a.cohort)
     model = load_model(a.model, device="auto")
@@ -237,7 +242,8 @@ def main(argv=None) -> int:
     for i, row in enumerate(subjects):
         bf16 = None if a.bf16 == "model" else a.bf16 == "on"
         mirror = None if a.mirror_tta == "model" else a.mirror_tta == "on"
-        rows.extend(evaluate_subject(row, cohort, model, modes, a.truth_labels, bf16, mirror, a.dixon))
+        rows.extend(evaluate_subject(row, cohort, model, modes, a.truth_labels, bf16, mirror, a.dixon,
+                                     config))
         print(f"[{i + 1}/{len(subjects)}] {row['subject']}", file=sys.stderr)
     print(summarise(rows))
     if a.out:

@@ -86,6 +86,14 @@ class MeasureConfig:
     # Reference tissues (gluteus maximus, subcutaneous fat) are taken within this distance (box
     # half-size) of the QF centre, where the coil sensitivity (bias field) is nearly the same.
     reference_radius_mm: float = 90.0
+    # Surface-coil shading over that region is fitted on the uniform tissues (muscles other than
+    # the QF; on T1 also subcutaneous fat) as a polynomial of this degree in world coordinates
+    # and divided out before the T1 and fluid signals are compared (``signal.fit_shading``).
+    shading_correction: bool = True
+    shading_degree: int = 2
+    # A fitted shading whose largest / smallest value around the QF exceeds this gets a warning
+    # (held-out phantoms: 1.1-1.35 without added coil shading, 1.5-1.8 and 2.7-3.3 with it).
+    shading_warn_ratio: float = 2.0
     # Pose: femoral shaft axis needs this much femur below the lesser trochanter (mm).
     pose_min_shaft_mm: float = 30.0
     pose_source: str = "ifi_seg_design"

@@ -16,7 +16,10 @@ axial value when those slices are not axial), the same for
 qfs (hamstring tendon -> lesser trochanter or iliopsoas tendon), qfs_plausible (false when the
 QFS exceeds the IFS: a missed hamstring origin), qf_volume_ml, qf_max_csa_mm2,
 qf_volume_ratio_contralateral, qf_edema {grade, signal_ratio, fraction_above_reference, ...},
-qf_fat_fraction, qf_fat_method, qf_goutallier_grade, pose, flags, warnings, reasons.
+qf_fat_fraction, qf_fat_method, qf_goutallier_grade, signal_shading ({t1, fluid}: the
+surface-coil shading divided out before the signals were compared, as the ratio of the fitted
+field's largest to smallest value around the QF; None when not fitted), pose, flags, warnings,
+reasons.
 """
 from __future__ import annotations
 
@@ -121,7 +124,7 @@ def _empty_hip(side: str, reason: str) -> dict:
             rec[f"{key}_{suffix}"] = None
     rec.update(qfs_plausible=None, qf_volume_ml=None, qf_max_csa_mm2=None, qf_max_csa_slice=None,
                qf_volume_ratio_contralateral=None, qf_fat_fraction=None, qf_fat_method=None,
-               qf_goutallier_grade=None)
+               qf_goutallier_grade=None, signal_shading={"t1": None, "fluid": None})
     return rec
 
 
@@ -197,13 +200,24 @@ def _measure_hip(side: str, hip: dict, other: dict | None, labels: Image, images
         centre = aff[:3, :3] @ qf.indices().mean(0) + aff[:3, 3]
         ref = signal.local_part(ref, aff, centre, cfg.reference_radius_mm) or ref
         subcut = signal.local_part(subcut, aff, centre, cfg.reference_radius_mm) or subcut
+    shading = {"fluid": None, "t1": None}
+    if qf is not None and cfg.shading_correction:
+        uniform = {}
+        for n in ("gluteus_maximus", "other_muscle", "subcutaneous_fat"):
+            m = signal.local_tissue(labels.array, aff, centre, cfg.reference_radius_mm, LABELS[n])
+            uniform[n] = None if m is None else signal.erode_inplane(m, aff, cfg.min_signal_voxels)
+        muscles = [uniform["gluteus_maximus"], uniform["other_muscle"]]
+        # fat-suppressed fat carries no signal to fit: muscles only on the fluid image
+        for key, tissues in (("fluid", muscles), ("t1", muscles + [uniform["subcutaneous_fat"]])):
+            if images.get(key) is not None:
+                shading[key] = signal.fit_shading(images[key], tissues, aff, centre, cfg)
     fluid = images.get("fluid")
     if fluid is None:
         rec["qf_edema"]["reason"] = "no fluid-sensitive image (T2 fat-sat or STIR) given"
     elif qf is None or ref is None:
         rec["qf_edema"]["reason"] = "quadratus femoris or reference muscle missing"
     else:
-        rec["qf_edema"] = signal.edema(fluid, qf, ref, aff, cfg, other_qf)
+        rec["qf_edema"] = signal.edema(fluid, qf, ref, aff, cfg, other_qf, shading["fluid"])
 
     fat = None
     if qf is None:
@@ -212,12 +226,18 @@ def _measure_hip(side: str, hip: dict, other: dict | None, labels: Image, images
         fat = signal.fat_dixon(images["dixon_fat"], images["dixon_water"], qf, aff, cfg,
                                ref)
     elif images.get("t1") is not None:
-        fat = signal.fat_t1(images["t1"], qf, ref, subcut, aff, cfg)
+        fat = signal.fat_t1(images["t1"], qf, ref, subcut, aff, cfg, shading["t1"])
     else:
         fat = {"fat_fraction": None, "method": None, "reason": "no Dixon or T1 image given"}
     rec["qf_fat_fraction"] = fat["fat_fraction"]
     rec["qf_fat_method"] = fat["method"]
     rec["qf_goutallier_grade"] = cfg.goutallier_grade(fat["fat_fraction"])
+    rec["signal_shading"] = {k: None if v is None else v.range_ratio for k, v in shading.items()}
+    for key, ratio in rec["signal_shading"].items():
+        if ratio is not None and ratio > cfg.shading_warn_ratio:
+            warn.append(f"strong intensity shading on the {key} image around the QF ({ratio:.1f}-fold, "
+                        "surface coil without intensity normalisation?): corrected before grading, "
+                        "but the signal grades are less certain")
     if fat.get("reason"):
         rec["reasons"]["fat"] = fat["reason"]
 

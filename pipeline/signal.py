@@ -19,6 +19,8 @@ the acquired slices, whatever their orientation).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 
@@ -53,21 +55,41 @@ def erode_inplane(mask: Mask, affine: np.ndarray, min_voxels: int, depth_mm: flo
     return mask
 
 
+def _box(label_affine: np.ndarray, centre: np.ndarray, radius_mm: float):
+    """Label-grid voxel bounds (float, unclipped) of the box of half-size ``radius_mm`` around a
+    world point."""
+    aff = np.asarray(label_affine, float)
+    c = np.linalg.solve(aff[:3, :3], centre - aff[:3, 3])
+    r = radius_mm / np.linalg.norm(aff[:3, :3], axis=0)
+    return c - r, c + r
+
+
 def local_part(mask: Mask | None, label_affine: np.ndarray, centre: np.ndarray,
                radius_mm: float) -> Mask | None:
     """The part of a (large) mask inside the box of half-size ``radius_mm`` around a world point:
     a reference tissue near the QF sees nearly the same coil sensitivity (bias field)."""
     if mask is None:
         return None
-    aff = np.asarray(label_affine, float)
-    c = np.linalg.solve(aff[:3, :3], centre - aff[:3, 3]) - mask.offset
-    r = radius_mm / np.linalg.norm(aff[:3, :3], axis=0)
-    lo = np.maximum(np.floor(c - r).astype(int), 0)
-    hi = np.minimum(np.ceil(c + r).astype(int) + 1, mask.array.shape)
+    lo, hi = _box(label_affine, centre, radius_mm)
+    lo = np.maximum(np.floor(lo - mask.offset).astype(int), 0)
+    hi = np.minimum(np.ceil(hi - mask.offset).astype(int) + 1, mask.array.shape)
     if np.any(hi <= lo):
         return None
     sub = mask.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     return Mask(mask.offset + lo, sub) if sub.any() else None
+
+
+def local_tissue(labels: np.ndarray, label_affine: np.ndarray, centre: np.ndarray,
+                 radius_mm: float, value: int) -> Mask | None:
+    """Voxels of label ``value`` (both sides) within the box of half-size ``radius_mm`` around a
+    world point, or None if there are none."""
+    lo, hi = _box(label_affine, centre, radius_mm)
+    lo = np.maximum(np.floor(lo).astype(int), 0)
+    hi = np.minimum(np.ceil(hi).astype(int) + 1, labels.shape)
+    if np.any(hi <= lo):
+        return None
+    sub = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] == value
+    return Mask(lo, sub) if sub.any() else None
 
 
 def image_depth_mm(img: Image) -> float:
@@ -108,12 +130,13 @@ MAX_SAMPLES = 40000
 
 
 def sample_in_mask(img: Image, mask: Mask, label_affine: np.ndarray,
-                   max_samples: int = MAX_SAMPLES) -> np.ndarray:
+                   max_samples: int = MAX_SAMPLES, positions: bool = False):
     """Intensities of the voxels of ``img`` nearest to the voxel centres of ``mask``.
 
     Each label voxel centre is mapped through both affines to its nearest image voxel; each image
     voxel counts once (no interpolation of intensities). Label voxels outside the image are
-    ignored. Large masks are subsampled to ``max_samples`` voxels (fixed seed).
+    ignored. Large masks are subsampled to ``max_samples`` voxels (fixed seed). With
+    ``positions`` returns ``(values, xyz)``, xyz the world RAS mm of those image voxels (N, 3).
     """
     ijk = mask.indices()
     if len(ijk) > max_samples:
@@ -123,9 +146,97 @@ def sample_in_mask(img: Image, mask: Mask, label_affine: np.ndarray,
     ok = np.all((v >= 0) & (v < np.array(img.shape)), axis=1)
     v = v[ok]
     if len(v) == 0:
-        return np.zeros(0)
+        return (np.zeros(0), np.zeros((0, 3))) if positions else np.zeros(0)
     u = np.unravel_index(np.unique(np.ravel_multi_index(v.T, img.shape)), img.shape)
-    return np.asarray(img.array[u], dtype=np.float64)
+    values = np.asarray(img.array[u], dtype=np.float64)
+    return (values, img.voxel_to_world(np.stack(u, axis=1))) if positions else values
+
+
+#: Voxels per tissue that the shading fit samples (a dozen coefficients need far fewer).
+SHADING_SAMPLES = 10000
+
+
+@dataclass
+class Shading:
+    """A smooth multiplicative intensity field (receive-coil sensitivity) fitted on one image:
+    ``exp`` of a polynomial in world coordinates centred on ``centre`` and scaled by ``scale``."""
+
+    centre: np.ndarray
+    scale: float
+    degree: int
+    coef: np.ndarray
+    #: ratio of the field's largest to smallest value over the samples it was fitted to
+    range_ratio: float
+
+    def __call__(self, xyz: np.ndarray) -> np.ndarray:
+        return np.exp(_poly_basis(xyz, self.centre, self.scale, self.degree) @ self.coef)
+
+
+def _poly_basis(xyz: np.ndarray, centre: np.ndarray, scale: float, degree: int) -> np.ndarray:
+    """Monomials of degree 1..``degree`` (at most 3) of (xyz - centre) / scale, one column each."""
+    p = (np.asarray(xyz, float).reshape(-1, 3) - centre) / scale
+    cols = [p[:, i] for i in range(3)]
+    if degree >= 2:
+        cols += [p[:, i] * p[:, j] for i in range(3) for j in range(i, 3)]
+    if degree >= 3:
+        cols += [p[:, i] * p[:, j] * p[:, k] for i in range(3) for j in range(i, 3) for k in range(j, 3)]
+    return np.stack(cols, axis=1)
+
+
+def fit_shading(img: Image, tissues: list, label_affine: np.ndarray, centre: np.ndarray,
+                cfg: MeasureConfig) -> Shading | None:
+    """Fit the image's smooth intensity shading on tissues that should each be uniform.
+
+    Surface receive coils make superficial tissue brighter than deep tissue: over the 90 mm
+    around the QF the same muscle can differ by tens of per cent, which would read as a deep QF
+    darker than its reference muscle (less edema, less fat). The model, as in tissue-class bias
+    correction: log signal = a level per tissue + a polynomial of degree ``cfg.shading_degree`` in
+    world coordinates shared by all. Fitted by least squares on up to ``SHADING_SAMPLES`` voxels
+    of each tissue (``tissues``: masks, None skipped, best eroded in-plane by the caller, see
+    ``erode_inplane``), twice, the second time without voxels whose residual exceeds 3 robust
+    standard deviations (an edematous or fatty stretch of a reference muscle). A small ridge
+    keeps directions the samples hardly span (a few slices) from running away. None when too
+    few voxels (fewer than 20 per coefficient) carry signal.
+    """
+    deg = int(cfg.shading_degree)
+    rows, groups, ys = [], [], []
+    for g, m in enumerate(t for t in tissues if t is not None and t.count):
+        v, xyz = sample_in_mask(img, m, label_affine, SHADING_SAMPLES, positions=True)
+        ok = v > 0
+        rows.append(xyz[ok])
+        ys.append(np.log(v[ok]))
+        groups.append(np.full(int(ok.sum()), g))
+    if not rows:
+        return None
+    xyz, y, grp = np.concatenate(rows), np.concatenate(ys), np.concatenate(groups)
+    scale = float(cfg.reference_radius_mm)
+    basis = _poly_basis(xyz, centre, scale, deg)
+    n_groups = int(grp.max()) + 1
+    if len(y) < 20 * (n_groups + basis.shape[1]):
+        return None
+    design = np.concatenate([np.eye(n_groups)[grp], basis], axis=1)
+    ridge = np.zeros(design.shape[1])
+    ridge[n_groups:] = 1e-4
+    keep = np.ones(len(y), bool)
+    for _ in range(2):
+        a, b = design[keep], y[keep]
+        coef = np.linalg.solve(a.T @ a + np.diag(ridge * len(b)), a.T @ b)
+        r = y - design @ coef
+        mad = 1.4826 * float(np.median(np.abs(r[keep] - np.median(r[keep]))))
+        keep = np.abs(r - np.median(r[keep])) <= 3.0 * max(mad, 1e-6)
+    poly = coef[n_groups:]
+    field = basis[keep] @ poly
+    return Shading(np.asarray(centre, float), scale, deg, poly,
+                   float(np.exp(field.max() - field.min())) if field.size else 1.0)
+
+
+def _corrected(img: Image, mask: Mask, label_affine: np.ndarray, shading: Shading | None,
+               max_samples: int = MAX_SAMPLES) -> np.ndarray:
+    """``sample_in_mask`` values divided by the shading at their positions (as is without one)."""
+    if shading is None:
+        return sample_in_mask(img, mask, label_affine, max_samples)
+    v, xyz = sample_in_mask(img, mask, label_affine, max_samples, positions=True)
+    return v / shading(xyz) if len(v) else v
 
 
 def atrophy(qf: Mask | None, affine: np.ndarray) -> dict:
@@ -145,16 +256,20 @@ def atrophy(qf: Mask | None, affine: np.ndarray) -> dict:
 
 
 def edema(fluid: Image, qf: Mask, reference: Mask, label_affine: np.ndarray,
-          cfg: MeasureConfig, contralateral_qf: Mask | None = None) -> dict:
-    """Edema statistics and grade of the QF on a fluid-sensitive fat-suppressed image."""
-    q = sample_in_mask(fluid, erode_inplane(qf, label_affine, cfg.min_signal_voxels), label_affine)
-    r = sample_in_mask(fluid, erode_inplane(reference, label_affine, cfg.min_signal_voxels),
-                       label_affine)
+          cfg: MeasureConfig, contralateral_qf: Mask | None = None,
+          shading: Shading | None = None) -> dict:
+    """Edema statistics and grade of the QF on a fluid-sensitive fat-suppressed image; with
+    ``shading`` (``fit_shading`` on this image) the QF and reference signals are corrected for
+    it first (the contralateral ratio is not: the field is fitted around this QF only)."""
+    q = _corrected(fluid, erode_inplane(qf, label_affine, cfg.min_signal_voxels), label_affine,
+                   shading)
+    r = _corrected(fluid, erode_inplane(reference, label_affine, cfg.min_signal_voxels),
+                   label_affine, shading)
     out = {"grade": None, "signal_ratio": None, "fraction_above_reference": None,
            "reference_upper_limit": None, "qf_median": None, "qf_p90": None,
            "reference_median": None, "contralateral_ratio": None,
            "sequence": fluid.meta.get("fluid_kind") or fluid.kind, "n_voxels": int(q.size),
-           "reason": None}
+           "shading_range": None if shading is None else shading.range_ratio, "reason": None}
     if q.size < cfg.min_signal_voxels or r.size < cfg.min_signal_voxels:
         out["reason"] = (f"too few voxels on the fluid image (QF {q.size}, reference {r.size}, "
                          f"need {cfg.min_signal_voxels})")
@@ -232,19 +347,20 @@ def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
 
 
 def fat_t1(t1: Image, qf: Mask, reference: Mask | None, subcut: Mask | None,
-           label_affine: np.ndarray, cfg: MeasureConfig) -> dict:
-    """Mean fat fraction of the QF from T1, calibrated between reference muscle and fat."""
+           label_affine: np.ndarray, cfg: MeasureConfig, shading: Shading | None = None) -> dict:
+    """Mean fat fraction of the QF from T1, calibrated between reference muscle and fat; with
+    ``shading`` (``fit_shading`` on this image) all three signals are corrected for it first."""
     if reference is None or subcut is None:
         missing = "reference muscle" if reference is None else "subcutaneous fat"
         return {"fat_fraction": None, "method": "t1_calibrated",
                 "reason": f"no {missing} in the label map to calibrate T1"}
-    q = sample_in_mask(t1, erode_inplane(qf, label_affine, cfg.min_signal_voxels,
-                                         max(image_depth_mm(t1), cfg.fat_core_depth_mm)),
-                       label_affine)
-    r = sample_in_mask(t1, erode_inplane(reference, label_affine, cfg.min_signal_voxels),
-                       label_affine)
-    f = sample_in_mask(t1, erode_inplane(subcut, label_affine, cfg.min_signal_voxels),
-                       label_affine)
+    q = _corrected(t1, erode_inplane(qf, label_affine, cfg.min_signal_voxels,
+                                     max(image_depth_mm(t1), cfg.fat_core_depth_mm)),
+                   label_affine, shading)
+    r = _corrected(t1, erode_inplane(reference, label_affine, cfg.min_signal_voxels),
+                   label_affine, shading)
+    f = _corrected(t1, erode_inplane(subcut, label_affine, cfg.min_signal_voxels),
+                   label_affine, shading)
     if min(q.size, r.size, f.size) < cfg.min_signal_voxels:
         return {"fat_fraction": None, "method": "t1_calibrated",
                 "reason": "too few voxels on the T1 image to calibrate"}
@@ -255,7 +371,8 @@ def fat_t1(t1: Image, qf: Mask, reference: Mask | None, subcut: Mask | None,
     ff = t1_fat_fraction(q, s_m, s_f, cfg.t1_reference_muscle_ff, cfg.t1_subcutaneous_fat_ff,
                          cfg.t1_adipose_muscle_pd_ratio)
     return {"fat_fraction": float(np.clip(np.mean(ff), 0.0, 1.0)), "method": "t1_calibrated",
-            "n_voxels": int(q.size), "reason": None}
+            "n_voxels": int(q.size),
+            "shading_range": None if shading is None else shading.range_ratio, "reason": None}
 
 
 def t1_fat_fraction(signal_values, s_muscle: float, s_fat: float, ff_muscle: float,

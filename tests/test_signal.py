@@ -172,3 +172,46 @@ def test_dixon_core_keeps_coarse_voxels_clear_of_fat_beyond_a_wide_outline():
     assert ff[3, 5, 5] == pytest.approx((0.9 + 2 * 0.03) / 3)      # straddles the QF's edge
     out = signal.fat_dixon(Image(fat, aff), Image(water, aff), wide, AFF, MeasureConfig())
     assert out["fat_fraction"] == pytest.approx(0.03, abs=1e-6)
+
+
+def test_fit_shading_recovers_a_smooth_field_over_two_tissues():
+    from pipeline.signal import fit_shading
+    from pipeline.sides import Mask
+
+    aff = np.diag([2.0, 2.0, 4.0, 1.0])
+    aff[:3, 3] = (-60, -60, -20)
+    xyz = (np.indices((61, 61, 11)).reshape(3, -1).T * (2.0, 2.0, 4.0) + aff[:3, 3]).reshape(61, 61, 11, 3)
+    log_field = 0.004 * xyz[..., 0] - 0.003 * xyz[..., 1] + 4e-5 * (xyz[..., 0] ** 2 + xyz[..., 1] ** 2)
+    muscle = np.hypot(xyz[..., 0], xyz[..., 1]) < 45
+    fat = ~muscle
+    rng = np.random.default_rng(0)
+    img = np.where(muscle, 300.0, 900.0) * np.exp(log_field) * rng.normal(1, 0.02, muscle.shape)
+    field = fit_shading(Image(img.astype(np.float32), aff), [Mask(np.zeros(3, int), muscle),
+                        Mask(np.zeros(3, int), fat)], aff, np.zeros(3), MeasureConfig())
+    pts = np.array([[0.0, 0, 0], [40, 0, 8], [-30, 35, -12], [50, -50, 0]])
+    want = np.exp(0.004 * pts[:, 0] - 0.003 * pts[:, 1] + 4e-5 * (pts[:, 0] ** 2 + pts[:, 1] ** 2))
+    got = field(pts)
+    np.testing.assert_allclose(got / got[0], want / want[0], rtol=0.01)
+    assert field.range_ratio == pytest.approx(np.exp(log_field).max() / np.exp(log_field).min(), rel=0.05)
+
+
+def test_surface_coil_shading_does_not_read_as_less_fat_or_edema():
+    """A deep QF under a surface coil is darker than its superficial references; dividing out the
+    fitted shading restores muscle-like fat fraction and edema ratio on the healthy (left) hip."""
+    from pipeline.measure import measure_hips
+    from tests.synthetic_subject import make_images, make_labels
+
+    lab = make_labels()
+    imgs = make_images(lab, seed=3)
+    xyz = lab.voxel_to_world(np.indices(lab.shape).reshape(3, -1).T).reshape(lab.shape + (3,))
+    coil = (0.45 + 0.55 * (xyz[..., 0] ** 2 + xyz[..., 1] ** 2) / 100.0 ** 2).astype(np.float32)
+    shaded = {k: v.with_array(v.array * coil) for k, v in imgs.items()}
+    shaded["fluid"].meta["fluid_kind"] = "stir"
+    on = measure_hips(lab, shaded)["hips"]["left"]
+    off = measure_hips(lab, shaded, config=MeasureConfig(shading_correction=False))["hips"]["left"]
+    truth_ff = MeasureConfig().t1_reference_muscle_ff       # the QF has the muscles' T1 signal
+    assert off["qf_fat_fraction"] < 0.005 and off["qf_edema"]["signal_ratio"] < 0.85   # read low
+    assert abs(on["qf_fat_fraction"] - truth_ff) < 0.02
+    assert on["qf_edema"]["signal_ratio"] == pytest.approx(1.0, abs=0.06)
+    assert on["signal_shading"]["t1"] > 1.5 and off["signal_shading"] == {"t1": None, "fluid": None}
+    assert any("strong intensity shading on the t1 image" in w for w in on["warnings"])

@@ -1,0 +1,83 @@
+"""The robustness-probe artefacts of data_scripts/shift_cohort.py do what they claim."""
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from data_scripts.shift_cohort import coil_field, gamma_map, ghost, main, ringing, world_grid
+from pipeline.image import Image
+
+
+def _image(rng, slice_axis=2, spacing=(0.8, 0.8, 5.0)):
+    shape = [48, 40, 40]
+    shape[slice_axis] = 6
+    aff = np.diag(list(np.roll(spacing, slice_axis - 2)) + [1.0])
+    aff[:3, 3] = (-20, 10, 5)
+    a = rng.uniform(50, 100, shape).astype(np.float32)
+    return Image(a, aff)
+
+
+def test_identity_strengths_leave_the_image_unchanged():
+    img = _image(np.random.default_rng(0))
+    np.testing.assert_allclose(ghost(img, 0.0, np.random.default_rng(1)), img.array, rtol=1e-4)
+    np.testing.assert_allclose(ringing(img, 1.0), img.array, rtol=1e-4)
+    np.testing.assert_allclose(gamma_map(img.array, 1.0), img.array, rtol=1e-5)
+
+
+@pytest.mark.parametrize("slice_axis", [0, 2])
+def test_ghost_moves_signal_only_along_the_slice_plane(slice_axis):
+    """Motion ghosts are a k-space phase error: each slice keeps its energy and slices stay apart."""
+    img = _image(np.random.default_rng(2), slice_axis)
+    out = ghost(img, 2.0, np.random.default_rng(3))
+    assert not np.allclose(out, img.array, rtol=1e-2)
+    other = tuple(i for i in range(3) if i != slice_axis)
+    np.testing.assert_allclose((out.astype(np.float64) ** 2).sum(axis=other),
+                               (img.array.astype(np.float64) ** 2).sum(axis=other), rtol=1e-4)
+
+
+def test_ringing_blurs_in_plane_but_not_across_slices():
+    img = _image(np.random.default_rng(4))
+    a = np.zeros_like(img.array)
+    a[20:30, 15:25, 3] = 100.0
+    out = ringing(img.with_array(a), 0.4)
+    assert out[..., 2].max() == 0 and out[..., 4].max() == 0        # slice 3 only
+    assert out[19, 20, 3] > 1 and out[25, 20, 3] < 100 - 1            # blurred edge and ringing
+
+
+def test_coil_field_is_darkest_at_the_centre_within_its_range():
+    img = Image(np.zeros((60, 60, 3), np.float32), np.diag([4.0, 4.0, 5.0, 1.0]))
+    xyz = world_grid(img)
+    centre, radii = np.array([118.0, 118.0, 5.0]), np.array([100.0, 80.0])
+    f = coil_field(xyz, centre, radii, 0.6)
+    inside = ((xyz[0] - centre[0]) / radii[0]) ** 2 + ((xyz[1] - centre[1]) / radii[1]) ** 2 <= 1
+    assert f[inside].min() == pytest.approx(0.4, abs=1e-3) and f[inside].max() == pytest.approx(1.0, abs=1e-3)
+    assert f[30, 30, 1] < 0.45 and np.allclose(f[..., 0], f[..., 2])
+
+
+def test_shifted_cohort_keeps_grid_labels_and_truth(tmp_path):
+    rng = np.random.default_rng(5)
+    src, dst = tmp_path / "c", tmp_path / "d"
+    (src / "s0").mkdir(parents=True)
+    aff = np.array([[-0.9, 0, 0, 90], [0, 0, 5.0, -40], [0, 0.9, 0, -60], [0, 0, 0, 1]])   # LPS-like, coronal storage
+    for name in ("t1", "t2fs"):
+        nib.save(nib.Nifti1Image(rng.uniform(0, 500, (40, 8, 36)).astype(np.int16), aff), src / "s0" / f"{name}.nii.gz")
+    nib.save(nib.Nifti1Image(rng.integers(0, 5, (40, 8, 36)).astype(np.uint8), aff), src / "s0" / "labels.nii.gz")
+    (src / "s0" / "truth.json").write_text(json.dumps({"hips": {}}))
+    row = {"subject": "s0", "t1": "s0/t1.nii.gz", "fluid": "s0/t2fs.nii.gz", "fluid_kind": "t2fs",
+           "dixon_fat": "", "dixon_water": "", "labels": "s0/labels.nii.gz", "truth": "s0/truth.json"}
+    with open(src / "cohort.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(row))
+        w.writeheader()
+        w.writerow(row)
+    before = (src / "s0" / "t1.nii.gz").read_bytes()
+    assert main(["--cohort", str(src), "--out", str(dst), "--shift", "ghost"]) == 0
+    assert (src / "s0" / "t1.nii.gz").read_bytes() == before
+    new, old = nib.load(dst / "s0" / "t1.nii.gz"), nib.load(src / "s0" / "t1.nii.gz")
+    np.testing.assert_allclose(new.affine, old.affine, atol=1e-5)
+    assert new.shape == old.shape and not np.allclose(new.get_fdata(), old.get_fdata())
+    assert (dst / "s0" / "labels.nii.gz").read_bytes() == (src / "s0" / "labels.nii.gz").read_bytes()
+    assert (dst / "s0" / "truth.json").read_text() == (src / "s0" / "truth.json").read_text()
+    with pytest.raises(SystemExit):
+        main(["--cohort", str(src), "--out", str(src), "--shift", "coil"])
