@@ -147,6 +147,7 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
                 rec["edema_grade"], rec["edema_truth"] = ed, t.get("qf_edema")
                 rec["goutallier"], rec["goutallier_truth"] = m.get("qf_goutallier_grade"), t.get("qf_goutallier_grade")
                 rec["fat_method"] = m.get("qf_fat_method")
+                rec["fat_fraction"], rec["fat_fraction_truth"] = m.get("qf_fat_fraction"), t.get("qf_fat_fraction")
                 pts = m.get("ifs_points")
                 if pts and len(centres) == 2:
                     p = np.mean(np.asarray(pts, float), axis=0)
@@ -203,6 +204,10 @@ def summarise(rows: list[dict]) -> str:
                         lines.append(f"    from {meth}: {np.mean(g):.2f} (n={len(g)})")
             elif pairs:  # e.g. edema without a fluid series: reported as null, by design
                 lines.append(f"  {key}: not gradable with these inputs (n={len(pairs)})")
+        ff = np.array([r["fat_fraction"] - r["fat_fraction_truth"] for r in sd
+                       if r.get("fat_fraction") is not None and r.get("fat_fraction_truth") is not None])
+        if ff.size:
+            lines.append(f"  fat fraction MAE {np.abs(ff).mean():.3f} (bias {ff.mean():+.3f}, n={ff.size})")
         secs = [r["seconds"] for r in rs if r["seconds"]]
         if secs:
             lines.append(f"  seconds per scan: median {np.median(secs):.1f}")

@@ -182,6 +182,9 @@ def _measure_hip(side: str, hip: dict, other: dict | None, labels: Image, images
     _put_distance(rec, "qfs", d3, dax, "needs hamstring_tendon and lesser_trochanter or "
                   "iliopsoas_tendon", axial)
     rec["qfs_plausible"] = _qfs_plausible(rec, cfg)
+    if lt is None and rec["qfs_mm"] is not None:
+        warn.append("QFS measured to the iliopsoas tendon alone: no lesser trochanter in the label "
+                    "map, so it cannot be checked against the IFS; check the QC picture")
 
     qf = hip.get("quadratus_femoris")
     rec.update(signal.atrophy(qf, aff))

@@ -170,3 +170,16 @@ def test_qfs_larger_than_ifs_is_marked_implausible():
     arr = img.array.copy()
     arr[arr == LABELS["ischial_tuberosity"]] = 0
     assert measure_hips(Image(arr, img.affine))["hips"]["left"]["qfs_plausible"] is None
+
+
+def test_qfs_without_a_lesser_trochanter_says_so(bilateral):
+    img, _ = bilateral
+    arr = img.array.copy()
+    x = img.voxel_to_world(np.argwhere(arr == LABELS["lesser_trochanter"]))[:, 0]
+    idx = np.argwhere(arr == LABELS["lesser_trochanter"])[x > 0]       # the right hip's LT only
+    arr[tuple(idx.T)] = 0
+    rec = measure_hips(Image(arr, img.affine))
+    right, left = rec["hips"]["right"], rec["hips"]["left"]
+    assert right["ifs_mm"] is None and right["qfs_mm"] is not None and right["qfs_plausible"] is None
+    assert any("iliopsoas tendon alone" in w for w in right["warnings"])
+    assert not any("iliopsoas tendon alone" in w for w in left["warnings"])
