@@ -74,7 +74,7 @@ def side_map(img, centres: dict) -> np.ndarray | None:
 
 def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
                      bf16: bool | None = None, mirror: bool | None = None,
-                     dixon: bool = False, config=None) -> list[dict]:
+                     dixon: bool = False, config=None, shading: bool = True) -> list[dict]:
     """All metrics of one subject; one dict per (mode, side) plus one per mode with side 'all'.
     With ``dixon`` the subject's Dixon images (if any) go to the measurement, not the network,
     as ``infer.py --dixon-fat/--dixon-water`` does: the fat grade then comes from Dixon."""
@@ -102,11 +102,12 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
             continue
         t0 = time.perf_counter()
         if imgs is None:
-            pred, conf, seconds = truth_lab, {}, 0.0
+            pred, conf, seconds, resegmented = truth_lab, {}, 0.0, False
             meas_imgs = {k: v for k, v in all_imgs.items() if v is not None}
         else:
-            seg = segment(imgs, model, bf16=bf16, mirror=mirror)
+            seg = segment(imgs, model, bf16=bf16, mirror=mirror, shading=shading)
             pred, conf, seconds = seg.labels, seg.confidence, time.perf_counter() - t0
+            resegmented = "first_pass" in seg.timings      # corrected for shading, run again
             meas_imgs = imgs
         tl = truth_lab if (pred.shape == truth_lab.shape and np.allclose(pred.affine, truth_lab.affine)) \
             else resample_like(truth_lab, pred, order=0)
@@ -114,7 +115,8 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
         measured = measure_hips(pred, {**meas_imgs, **dixon_imgs}, config=config)
         voxel_mm3 = float(abs(np.linalg.det(pred.affine[:3, :3])))
         for side in ("all", *SIDES):
-            rec = {"subject": row["subject"], "mode": mode, "side": side, "seconds": round(seconds, 2)}
+            rec = {"subject": row["subject"], "mode": mode, "side": side, "seconds": round(seconds, 2),
+                   "resegmented": resegmented}
             if side != "all" and side not in centres:
                 continue
             sel = np.ones(pred.shape, bool) if side == "all" else (sides == SIDES.index(side))
@@ -208,6 +210,9 @@ def summarise(rows: list[dict]) -> str:
                        if r.get("fat_fraction") is not None and r.get("fat_fraction_truth") is not None])
         if ff.size:
             lines.append(f"  fat fraction MAE {np.abs(ff).mean():.3f} (bias {ff.mean():+.3f}, n={ff.size})")
+        n_re = sum(bool(r.get("resegmented")) for r in rs)
+        if n_re:
+            lines.append(f"  segmented again after correcting strong shading: {n_re} of {len(rs)} scans")
         secs = [r["seconds"] for r in rs if r["seconds"]]
         if secs:
             lines.append(f"  seconds per scan: median {np.median(secs):.1f}")
@@ -230,6 +235,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mirror-tta", choices=["model", "on", "off"], default="model",
                     help="left-right mirror test-time augmentation, twice the network time "
                          "(default: the model metadata's choice)")
+    ap.add_argument("--resegment-shading", choices=["on", "off"], default="on",
+                    help="segment again after dividing out strong intensity shading (segment(shading=...))")
     ap.add_argument("--measure-config", default=None,
                     help="JSON overriding MeasureConfig for the measurement, as infer.py --config")
     a = ap.parse_args(argv)
@@ -248,7 +255,7 @@ def main(argv=None) -> int:
         bf16 = None if a.bf16 == "model" else a.bf16 == "on"
         mirror = None if a.mirror_tta == "model" else a.mirror_tta == "on"
         rows.extend(evaluate_subject(row, cohort, model, modes, a.truth_labels, bf16, mirror, a.dixon,
-                                     config))
+                                     config, a.resegment_shading == "on"))
         print(f"[{i + 1}/{len(subjects)}] {row['subject']}", file=sys.stderr)
     print(summarise(rows))
     if a.out:

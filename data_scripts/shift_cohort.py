@@ -11,8 +11,8 @@ Shifts, each modelled on how it arises in an MR scanner:
   the pelvis (world coordinates, so every series of a subject gets the same field), bright near
   the skin and dark at the centre: with ``strength`` 0.6 the centre of the body keeps 40 % of the
   signal at its edge (training draws milder polynomial bias fields).
-* ``gamma``: a monotonic intensity remapping ``I**strength`` (another sequence weighting or
-  scanner display scaling; training draws 0.7-1.5).
+* ``gamma``: a monotonic intensity remapping ``I**strength`` of the T1 and fluid series (another
+  sequence weighting or scanner display scaling; training draws 0.7-1.5); Dixon is left as is.
 * ``ghost``: periodic motion ghosts (respiration / bowel) along the phase-encoding axis: each
   slice's k-space lines are phase-shifted by a sinusoidal displacement of ``strength`` mm.
 * ``ringing``: in-plane k-space truncated to ``strength`` of its extent without filtering
@@ -135,7 +135,8 @@ def shift_subject(row: dict, src: Path, dst: Path, shift: str, strength: float, 
             centre, radii = ellipse if ellipse is not None else body_ellipse(img)
             out = img.array * coil_field(world_grid(img), centre, radii, strength)
         elif shift == "gamma":
-            out = gamma_map(img.array, strength)
+            # Dixon magnitudes are quantitative (their ratio is the fat fraction): left as they are
+            out = img.array if col.startswith("dixon") else gamma_map(img.array, strength)
         elif shift == "ghost":
             out = ghost(img, strength, np.random.default_rng(rng.integers(2**32)))
         elif shift == "ringing":

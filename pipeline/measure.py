@@ -213,7 +213,8 @@ def _measure_hip(side: str, hip: dict, other: dict | None, labels: Image, images
         # fat-suppressed fat carries no signal to fit: muscles only on the fluid image
         for key, tissues in (("fluid", muscles), ("t1", muscles + [uniform["subcutaneous_fat"]])):
             if images.get(key) is not None:
-                shading[key] = signal.fit_shading(images[key], tissues, aff, centre, cfg)
+                shading[key] = signal.fit_shading(images[key], tissues, aff, centre,
+                                                  cfg.reference_radius_mm, cfg.shading_degree)
     fluid = images.get("fluid")
     if fluid is None:
         rec["qf_edema"]["reason"] = "no fluid-sensitive image (T2 fat-sat or STIR) given"

@@ -184,21 +184,23 @@ def _poly_basis(xyz: np.ndarray, centre: np.ndarray, scale: float, degree: int) 
 
 
 def fit_shading(img: Image, tissues: list, label_affine: np.ndarray, centre: np.ndarray,
-                cfg: MeasureConfig) -> Shading | None:
+                scale_mm: float | None = 90.0, degree: int = 2) -> Shading | None:
     """Fit the image's smooth intensity shading on tissues that should each be uniform.
 
     Surface receive coils make superficial tissue brighter than deep tissue: over the 90 mm
     around the QF the same muscle can differ by tens of per cent, which would read as a deep QF
     darker than its reference muscle (less edema, less fat). The model, as in tissue-class bias
-    correction: log signal = a level per tissue + a polynomial of degree ``cfg.shading_degree`` in
-    world coordinates shared by all. Fitted by least squares on up to ``SHADING_SAMPLES`` voxels
+    correction: log signal = a level per tissue + a polynomial of degree ``degree`` in world
+    coordinates (centred on ``centre``, scaled by ``scale_mm``, or when None by the samples'
+    95th-percentile distance from it) shared by all. Fitted by least squares on up to ``SHADING_SAMPLES`` voxels
     of each tissue (``tissues``: masks, None skipped, best eroded in-plane by the caller, see
     ``erode_inplane``), twice, the second time without voxels whose residual exceeds 3 robust
     standard deviations (an edematous or fatty stretch of a reference muscle). A small ridge
-    keeps directions the samples hardly span (a few slices) from running away. None when too
+    (small for coordinates of order 1, hence the scale) keeps directions the samples hardly span
+    (a few slices) from running away. None when too
     few voxels (fewer than 20 per coefficient) carry signal.
     """
-    deg = int(cfg.shading_degree)
+    deg = int(degree)
     rows, groups, ys = [], [], []
     for g, m in enumerate(t for t in tissues if t is not None and t.count):
         v, xyz = sample_in_mask(img, m, label_affine, SHADING_SAMPLES, positions=True)
@@ -209,7 +211,8 @@ def fit_shading(img: Image, tissues: list, label_affine: np.ndarray, centre: np.
     if not rows:
         return None
     xyz, y, grp = np.concatenate(rows), np.concatenate(ys), np.concatenate(groups)
-    scale = float(cfg.reference_radius_mm)
+    scale = float(scale_mm) if scale_mm else \
+        max(float(np.percentile(np.linalg.norm(xyz - centre, axis=1), 95)), 1.0)
     basis = _poly_basis(xyz, centre, scale, deg)
     n_groups = int(grp.max()) + 1
     if len(y) < 20 * (n_groups + basis.shape[1]):

@@ -323,3 +323,41 @@ def test_class_offsets_move_a_class_boundary_for_their_input_combination(monkeyp
     model.meta["inference"]["class_offsets"] = {"t1": {"lesser_trochanter": -1.0}}
     for bf16 in (False, True):
         assert seg_mod.segment({"t1": img}, model, bf16=bf16).labels.shape == shape
+
+
+def test_strong_shading_is_divided_out_and_the_scan_segmented_again(monkeypatch, small_model):
+    """Surface-coil shading the network was not trained for (a dark centre): segment() fits it on
+    the first pass's muscle and fat, divides it out and runs the network again on flat images;
+    a scan without such shading is segmented once, untouched."""
+    import pipeline.segment as seg_mod
+
+    k, shape = len(LABELS), (80, 80, 8)
+    x, y = np.meshgrid(np.arange(shape[0]) - 39.5, np.arange(shape[1]) - 39.5, indexing="ij")
+    r = np.hypot(x, y)[..., None] * np.ones(shape)
+    tissue = np.where(r < 30, LABELS["other_muscle"], np.where(r < 38, LABELS["subcutaneous_fat"], 0))
+    tissue[(r < 30) & (y[..., None] < -15)] = LABELS["gluteus_maximus"]
+    logits = torch.zeros((k, *shape))
+    for v in np.unique(tissue):
+        logits[int(v)][torch.from_numpy(tissue == v)] = 6.0
+    seen = []
+
+    def fake_logits(net, array, *a, **kw):
+        seen.append(np.array(array[0]))
+        return logits.clone()
+
+    monkeypatch.setattr(seg_mod, "predict_logits", fake_logits)
+    signal = np.where(tissue == LABELS["subcutaneous_fat"], 900.0, np.where(tissue > 0, 300.0, 5.0))
+    aff = np.diag([1.0, 1.0, 4.0, 1.0])
+    noise = np.random.default_rng(1).normal(1, 0.02, shape)
+
+    flat = seg_mod.segment({"t1": Image((signal * noise).astype(np.float32), aff, "t1")}, small_model)
+    assert len(seen) == 1 and not any("shading" in w for w in flat.warnings)
+
+    seen.clear()
+    coil = 0.35 + 0.65 * (r / 38.0) ** 2
+    shaded = seg_mod.segment({"t1": Image((signal * coil * noise).astype(np.float32), aff, "t1")},
+                             small_model)
+    assert len(seen) == 2 and any("strong intensity shading" in w for w in shaded.warnings)
+    muscle = tissue == LABELS["other_muscle"]
+    cv = [a[muscle].std() / a[muscle].mean() for a in seen]
+    assert cv[0] > 0.2 and cv[1] < 0.06            # the second pass sees flat muscle

@@ -187,7 +187,7 @@ def test_fit_shading_recovers_a_smooth_field_over_two_tissues():
     rng = np.random.default_rng(0)
     img = np.where(muscle, 300.0, 900.0) * np.exp(log_field) * rng.normal(1, 0.02, muscle.shape)
     field = fit_shading(Image(img.astype(np.float32), aff), [Mask(np.zeros(3, int), muscle),
-                        Mask(np.zeros(3, int), fat)], aff, np.zeros(3), MeasureConfig())
+                        Mask(np.zeros(3, int), fat)], aff, np.zeros(3), 90.0, 2)
     pts = np.array([[0.0, 0, 0], [40, 0, 8], [-30, 35, -12], [50, -50, 0]])
     want = np.exp(0.004 * pts[:, 0] - 0.003 * pts[:, 1] + 4e-5 * (pts[:, 0] ** 2 + pts[:, 1] ** 2))
     got = field(pts)
