@@ -24,6 +24,13 @@ Post-processing (conservative; sides are never relabelled, classes are side-agno
   * island voxels take their next most probable class; a second pass removes islands that this
     relabelling creates.
 
+Intensity shading (``scan_shading``): after the first pass, each input's smooth shading is fitted
+on the network's confident muscle (and, on T1, fat) voxels. Surface coils without intensity
+normalisation make the centre of the body darker than the training data's mild bias fields ever
+did; above ``RESEGMENT_SHADING_RATIO`` the shading is divided out and the network runs again
+(a warning says so). The labels then come from the corrected images; the measurement still reads
+the original ones (it corrects its signal statistics itself, ``pipeline.signal.fit_shading``).
+
 Confidence per structure (``Segmentation.confidence``): the mean, over the voxels finally
 labelled as that structure, of the network's softmax probability for that structure (0..1;
 0.0 when the structure is absent). It is low when the network hesitated at most voxels of the
@@ -64,7 +71,7 @@ ISLAND_MAX_MM3 = 500.0
 #: A scan whose fitted intensity shading (largest / smallest value over its muscles, see
 #: ``scan_shading``) exceeds this is corrected for it and segmented again. Held-out phantoms:
 #: 1.05-1.3 as generated, 2.2-3.3 with strong surface-coil shading added (data_scripts/shift_cohort).
-RESEGMENT_SHADING_RATIO = 1.5
+RESEGMENT_SHADING_RATIO = 1.4
 #: At most this many corrections and further passes (each refits the shading on better outlines).
 RESEGMENT_PASSES = 2
 #: Voxels the network gives more than this probability of a tissue are used to fit the shading.
@@ -413,7 +420,7 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
     if worst <= RESEGMENT_SHADING_RATIO:
         return seg
     t0 = time.perf_counter()
-    first = seg.timings
+    first_seg, first = seg, seg.timings
     corrected = dict(images)
     for _ in range(RESEGMENT_PASSES):
         fits = scan_shading(corrected, probs_w, working_affine, stride=1)
@@ -425,10 +432,24 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
             break
     seg.timings["shading"] = first["shading"] + time.perf_counter() - t0 - sum(seg.timings.values())
     seg.timings["first_pass"] = sum(v for k, v in first.items() if k != "shading")
-    seg.warnings.append(
-        f"strong intensity shading ({worst:.1f}-fold over the muscles; surface coils without "
-        "intensity normalisation?): the images were corrected for it and segmented again")
+    what = (f"strong intensity shading ({worst:.1f}-fold over the muscles; surface coils without "
+            "intensity normalisation?)")
+    # a field fitted on outlines that took in background would distort rather than correct: keep
+    # the corrected pass only if the network is at least as sure of the key structures there
+    if _key_confidence(seg) < _key_confidence(first_seg):
+        first_seg.timings = dict(seg.timings, **{k: v for k, v in first.items() if k != "shading"})
+        first_seg.warnings.append(f"{what}: a pass on the images corrected for it was less confident "
+                                  "and was not kept")
+        return first_seg
+    seg.warnings.append(f"{what}: the images were corrected for it and segmented again")
     return seg
+
+
+def _key_confidence(seg: Segmentation) -> float:
+    """Mean confidence of the four structures the measurements need (absent ones count 0)."""
+    return float(np.mean([seg.confidence.get(n, 0.0) for n in
+                          ("quadratus_femoris", "lesser_trochanter", "ischial_tuberosity",
+                           "hamstring_tendon")]))
 
 
 def _segment_once(images: dict[str, Image], model: SegModel, reference: str | None,

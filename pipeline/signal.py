@@ -154,6 +154,11 @@ def sample_in_mask(img: Image, mask: Mask, label_affine: np.ndarray,
 
 #: Voxels per tissue that the shading fit samples (a dozen coefficients need far fewer).
 SHADING_SAMPLES = 10000
+#: The shading fit ignores voxels below this fraction of their tissue's 95th percentile.
+SHADING_FLOOR = 0.25
+#: A fit whose log-signal residuals scatter more than this (robust SD) is refused: the outlined
+#: tissues are not uniform (background taken for muscle), so the field would be noise.
+SHADING_MAX_SCATTER = 0.3
 
 
 @dataclass
@@ -165,8 +170,11 @@ class Shading:
     scale: float
     degree: int
     coef: np.ndarray
-    #: ratio of the field's largest to smallest value over the samples it was fitted to
+    #: ratio of the field's largest to smallest value over the samples it was fitted to (99th
+    #: to 1st percentile: a few stray samples do not count)
     range_ratio: float
+    #: robust standard deviation of the log-signal residuals (texture and noise left over)
+    scatter: float = 0.0
 
     def __call__(self, xyz: np.ndarray) -> np.ndarray:
         return np.exp(_poly_basis(xyz, self.centre, self.scale, self.degree) @ self.coef)
@@ -195,22 +203,33 @@ def fit_shading(img: Image, tissues: list, label_affine: np.ndarray, centre: np.
     95th-percentile distance from it) shared by all. Fitted by least squares on up to ``SHADING_SAMPLES`` voxels
     of each tissue (``tissues``: masks, None skipped, best eroded in-plane by the caller, see
     ``erode_inplane``), twice, the second time without voxels whose residual exceeds 3 robust
-    standard deviations (an edematous or fatty stretch of a reference muscle). A small ridge
+    standard deviations (an edematous or fatty stretch of a reference muscle). Voxels below
+    ``SHADING_FLOOR`` of their tissue's bright end are left out. A small ridge
     (small for coordinates of order 1, hence the scale) keeps directions the samples hardly span
     (a few slices) from running away. None when too
-    few voxels (fewer than 20 per coefficient) carry signal.
+    few voxels (fewer than 20 per coefficient) carry signal, or when the residuals scatter more
+    than ``SHADING_MAX_SCATTER`` (tissues that are not uniform cannot carry the fit).
     """
     deg = int(degree)
-    rows, groups, ys = [], [], []
+    rows, groups, vals = [], [], []
     for g, m in enumerate(t for t in tissues if t is not None and t.count):
         v, xyz = sample_in_mask(img, m, label_affine, SHADING_SAMPLES, positions=True)
-        ok = v > 0
-        rows.append(xyz[ok])
-        ys.append(np.log(v[ok]))
-        groups.append(np.full(int(ok.sum()), g))
+        rows.append(xyz)
+        vals.append(v)
+        groups.append(np.full(len(v), g))
     if not rows:
         return None
-    xyz, y, grp = np.concatenate(rows), np.concatenate(ys), np.concatenate(groups)
+    xyz, v, grp = np.concatenate(rows), np.concatenate(vals), np.concatenate(groups)
+    # voxels darker than a quarter of their tissue's bright end are background or air that an
+    # outline took in, not shaded tissue (strong coil shading leaves the centre ~40 % of the edge)
+    ok = np.zeros(len(v), bool)
+    for g in np.unique(grp):
+        sel = grp == g
+        ok[sel] = v[sel] > SHADING_FLOOR * float(np.percentile(v[sel], 95))
+    xyz, y, grp = xyz[ok], np.log(v[ok]), grp[ok]
+    if not y.size:
+        return None
+    grp = np.unique(grp, return_inverse=True)[1]
     scale = float(scale_mm) if scale_mm else \
         max(float(np.percentile(np.linalg.norm(xyz - centre, axis=1), 95)), 1.0)
     basis = _poly_basis(xyz, centre, scale, deg)
@@ -227,10 +246,12 @@ def fit_shading(img: Image, tissues: list, label_affine: np.ndarray, centre: np.
         r = y - design @ coef
         mad = 1.4826 * float(np.median(np.abs(r[keep] - np.median(r[keep]))))
         keep = np.abs(r - np.median(r[keep])) <= 3.0 * max(mad, 1e-6)
+    if mad > SHADING_MAX_SCATTER:
+        return None
     poly = coef[n_groups:]
     field = basis[keep] @ poly
-    return Shading(np.asarray(centre, float), scale, deg, poly,
-                   float(np.exp(field.max() - field.min())) if field.size else 1.0)
+    lo, hi = np.percentile(field, [1, 99]) if field.size else (0.0, 0.0)
+    return Shading(np.asarray(centre, float), scale, deg, poly, float(np.exp(hi - lo)), mad)
 
 
 def _corrected(img: Image, mask: Mask, label_affine: np.ndarray, shading: Shading | None,

@@ -192,7 +192,8 @@ def test_fit_shading_recovers_a_smooth_field_over_two_tissues():
     want = np.exp(0.004 * pts[:, 0] - 0.003 * pts[:, 1] + 4e-5 * (pts[:, 0] ** 2 + pts[:, 1] ** 2))
     got = field(pts)
     np.testing.assert_allclose(got / got[0], want / want[0], rtol=0.01)
-    assert field.range_ratio == pytest.approx(np.exp(log_field).max() / np.exp(log_field).min(), rel=0.05)
+    lo, hi = np.percentile(log_field, [1, 99])             # the range over (nearly) all samples
+    assert field.range_ratio == pytest.approx(np.exp(hi - lo), rel=0.05)
 
 
 def test_surface_coil_shading_does_not_read_as_less_fat_or_edema():
