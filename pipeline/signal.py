@@ -200,9 +200,9 @@ def fit_shading(img: Image, tissues: list, label_affine: np.ndarray, centre: np.
     darker than its reference muscle (less edema, less fat). The model, as in tissue-class bias
     correction: log signal = a level per tissue + a polynomial of degree ``degree`` in world
     coordinates (centred on ``centre``, scaled by ``scale_mm``, or when None by the samples'
-    95th-percentile distance from it) shared by all. Fitted by least squares on up to ``SHADING_SAMPLES`` voxels
-    of each tissue (``tissues``: masks, None skipped, best eroded in-plane by the caller, see
-    ``erode_inplane``), twice, the second time without voxels whose residual exceeds 3 robust
+    95th-percentile distance from it) shared by all. Fitted by least squares on up to
+    ``SHADING_SAMPLES`` voxels of each tissue (``tissues``: masks, None skipped, best eroded
+    in-plane by the caller, see ``erode_inplane``), twice, the second time without voxels whose residual exceeds 3 robust
     standard deviations (an edematous or fatty stretch of a reference muscle). Voxels below
     ``SHADING_FLOOR`` of their tissue's bright end are left out. A small ridge
     (small for coordinates of order 1, hence the scale) keeps directions the samples hardly span
