@@ -107,7 +107,7 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
         else:
             seg = segment(imgs, model, bf16=bf16, mirror=mirror, shading=shading)
             pred, conf, seconds = seg.labels, seg.confidence, time.perf_counter() - t0
-            resegmented = "first_pass" in seg.timings      # corrected for shading, run again
+            resegmented = seg.shading_corrected
             meas_imgs = imgs
         tl = truth_lab if (pred.shape == truth_lab.shape and np.allclose(pred.affine, truth_lab.affine)) \
             else resample_like(truth_lab, pred, order=0)

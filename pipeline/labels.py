@@ -25,6 +25,8 @@ LABELS: dict[str, int] = {
     "other_muscle": 10,
 }
 
+#: The four structures the measurements rest on (validation Dice, confidence checks).
+KEY_STRUCTURES = ("quadratus_femoris", "lesser_trochanter", "ischial_tuberosity", "hamstring_tendon")
 #: Structures the measurements cannot do without.
 REQUIRED_FOR_IFS = ("ischial_tuberosity", "lesser_trochanter")
 REQUIRED_FOR_QFS = ("hamstring_tendon", "lesser_trochanter")

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.image import Image
-from pipeline.labels import LABELS, label_names
+from pipeline.labels import KEY_STRUCTURES, LABELS, label_names
 from pipeline.sides import left_right_pair
 
 #: Structures with one instance per hip.
@@ -104,6 +104,7 @@ class Segmentation:
     probabilities: np.ndarray | None = None   # (C, *working shape) float32, if requested
     working_affine: np.ndarray | None = None  # affine of ``probabilities``
     reference: str = "t1"
+    shading_corrected: bool = False     # labels from images corrected for strong shading
 
 
 def _default_threads() -> None:
@@ -446,14 +447,13 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
         return first
     seg.warnings.append(f"{what}: the images were corrected for it and segmented again")
     seg.timings.update(shading=spent, first_pass=sum(first.timings.values()))
+    seg.shading_corrected = True
     return seg
 
 
 def _key_confidence(seg: Segmentation) -> float:
     """Mean confidence of the four structures the measurements need (absent ones count 0)."""
-    return float(np.mean([seg.confidence.get(n, 0.0) for n in
-                          ("quadratus_femoris", "lesser_trochanter", "ischial_tuberosity",
-                           "hamstring_tendon")]))
+    return float(np.mean([seg.confidence.get(n, 0.0) for n in KEY_STRUCTURES]))
 
 
 def _segment_once(images: dict[str, Image], model: SegModel, reference: str | None,
@@ -497,7 +497,7 @@ def _segment_once(images: dict[str, Image], model: SegModel, reference: str | No
             confidence[name] = 0.0
             continue
         confidence[name] = float(probs[v].ravel()[flat_lab == v].mean())
-    for name in ("quadratus_femoris", "lesser_trochanter", "ischial_tuberosity", "hamstring_tendon"):
+    for name in KEY_STRUCTURES:
         if confidence.get(name, 0.0) == 0.0:
             warnings.append(f"{name} not found")
         elif confidence[name] < CONFIDENCE_WARN:

@@ -52,10 +52,9 @@ from pathlib import Path
 import numpy as np
 from monai.transforms import MapTransform, RandomizableTransform, Transform
 
-from pipeline.labels import NUM_CLASSES, label_names, read_label_table, remap_to_project
+from pipeline.labels import KEY_STRUCTURES, NUM_CLASSES, label_names, read_label_table, remap_to_project
 
 #: Structures the "done" criteria are about; the best checkpoint maximises their mean Dice.
-KEY_STRUCTURES = ("quadratus_femoris", "lesser_trochanter", "ischial_tuberosity", "hamstring_tendon")
 
 #: Relative frequency of patch centres per class (index = label value): small structures first.
 CLASS_RATIOS = {"background": 0.5, "quadratus_femoris": 2.0, "lesser_trochanter": 3.0,
