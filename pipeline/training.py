@@ -499,9 +499,14 @@ def run_training(cfg: TrainConfig) -> dict:
     epoch, stop, last_val_s, step_s = start_epoch, False, 0.0, 0.0
     recent_steps: collections.deque = collections.deque(maxlen=20)    # slowest recent step = margin
     use_bf16 = cfg.bf16
+    # channels-last on a CPU in float32, as at inference (pipeline.segment.predict_logits, which
+    # validation calls): a step of 2 x 128 x 128 x 16 patches 0.95 -> 0.81 s on 2 AVX2 cores
+    layout = (torch.channels_last_3d if device.type == "cpu" and not use_bf16
+              else torch.contiguous_format)
     it = iter(loader)
     while epoch < cfg.epochs and not stop:
         net.train()
+        net.to(memory_format=layout)
         losses = []
         bar = tqdm(range(cfg.steps_per_epoch), desc=f"epoch {epoch + 1}", disable=not cfg.progress,
                    leave=False, file=sys.stderr)
@@ -519,7 +524,7 @@ def run_training(cfg: TrainConfig) -> dict:
             lr = cfg.lr * (1.0 - progress_fraction(epoch + step / cfg.steps_per_epoch)) ** 0.9
             for g in opt.param_groups:
                 g["lr"] = max(lr, cfg.lr * 1e-3)
-            x = batch["image"].to(device)
+            x = batch["image"].to(device).contiguous(memory_format=layout)
             y = batch["label"].to(device).round().long()
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):

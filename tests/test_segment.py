@@ -165,6 +165,23 @@ def test_mirror_tta_is_left_right_equivariant(small_model):
     torch.testing.assert_close(tta, 0.5 * (plain + plain_m.flip(1)))
 
 
+
+def test_channels_last_layout_gives_the_plain_layouts_logits(small_model):
+    """predict_logits runs a float32 CPU network in the channels-last layout (for speed); its
+    logits must be those of the same network applied in the plain layout, padding removed."""
+    from pipeline.segment import predict_logits
+
+    x = np.random.default_rng(6).random((2, 37, 30, 7)).astype(np.float32)
+    m = small_model
+    fast = predict_logits(m.net, x, m.meta, m.device, bf16=False)
+    assert m.net.model[0].conv.unit0.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    m.net.to(memory_format=torch.contiguous_format)
+    padded = torch.zeros((1, 2, 40, 32, 8))       # the size divisor of the architecture: (8, 8, 4)
+    padded[0, :, :37, :30, :7] = torch.from_numpy(x)
+    with torch.inference_mode():
+        plain = m.net(padded)[0, :, :37, :30, :7]
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
+
 def test_postprocess_keeps_one_component_per_side_and_fragments():
     lab = np.zeros((120, 20, 10), np.uint8)
     qf = LABELS["quadratus_femoris"]
