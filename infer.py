@@ -3,6 +3,9 @@
 
 One scan (NIfTI):
     python infer.py --t1 t1.nii.gz --stir stir.nii.gz --out results/sub01
+A Dixon-only scan (population studies): segmented on a T1-like image made from the pair,
+fat fraction from Dixon, no edema grade:
+    python infer.py --dixon-fat fat.nii.gz --dixon-water water.nii.gz --out results/sub01
 One scan (DICOM study folder; series found and classified, the choice printed):
     python infer.py --dicom STUDY_DIR --out results/sub01 [--t1-series UID --fluid-series UID]
 Measure a given label map instead of segmenting (manual segmentation):
@@ -37,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     fluid = src.add_mutually_exclusive_group()
     fluid.add_argument("--t2fs", metavar="PATH", help="T2 (or PD) fat-saturated scan")
     fluid.add_argument("--stir", metavar="PATH", help="STIR scan")
-    src.add_argument("--dixon-fat", metavar="PATH", help="Dixon fat image (with --dixon-water)")
+    src.add_argument("--dixon-fat", metavar="PATH", help="Dixon fat image (with --dixon-water); "
+                     "alone, without T1 or fluid, the pair is also what the network segments")
     src.add_argument("--dixon-water", metavar="PATH", help="Dixon water image (with --dixon-fat)")
     src.add_argument("--dicom", metavar="STUDY_DIR", help="DICOM study folder: series found and classified")
     for role in ("t1", "fluid", "dixon-fat", "dixon-water"):

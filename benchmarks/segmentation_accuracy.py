@@ -4,7 +4,8 @@
                                                [--limit N] [--out results.csv] [--dixon]
 
 For every subject of ``DIR/cohort.csv`` and every input mode (both sequences / T1 only / fluid
-only) it segments the scan and reports:
+only; ``dixon``: the subjects with a Dixon pair, segmented on the T1-like image made from it and
+graded from it, as ``infer.py`` runs a Dixon-only scan) it segments the scan and reports:
 
 * Dice per class, overall and per side (voxels assigned to the nearer of the truth hips'
   centres along world x; ``truth.json`` gives the IT/LT points of each hip present);
@@ -90,11 +91,17 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
     truth = json.loads((cohort / row["truth"]).read_text()) if row.get("truth") else {}
     centres = hip_centres(truth)
     all_imgs = {"t1": t1, "fluid": fluid}
-    dixon_imgs = {}
-    if dixon and row.get("dixon_fat") and row.get("dixon_water"):
-        dixon_imgs = {k: load_nifti(cohort / row[k], k) for k in ("dixon_fat", "dixon_water")}
+    dixon_pair = {}
+    if (dixon or "dixon" in modes) and row.get("dixon_fat") and row.get("dixon_water"):
+        dixon_pair = {k: load_nifti(cohort / row[k], k) for k in ("dixon_fat", "dixon_water")}
+    dixon_imgs = dixon_pair if dixon else {}
     rows = []
-    runs = [(m, {k: v for k, v in all_imgs.items() if v is not None and (m == "both" or k == m)}) for m in modes]
+    runs = [(m, {k: v for k, v in all_imgs.items() if v is not None and (m == "both" or k == m)})
+            for m in modes if m != "dixon"]
+    if "dixon" in modes and dixon_pair:      # a Dixon-only scan, as infer.py runs it
+        from pipeline.dixon_input import t1_like_from_dixon
+
+        runs.append(("dixon", {"t1": t1_like_from_dixon(dixon_pair["dixon_fat"], dixon_pair["dixon_water"])}))
     if truth_labels:
         runs.append(("truth_labels", None))
     for mode, imgs in runs:
@@ -108,7 +115,7 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
             seg = segment(imgs, model, bf16=bf16, mirror=mirror, shading=shading)
             pred, conf, seconds = seg.labels, seg.confidence, time.perf_counter() - t0
             resegmented = seg.shading_corrected
-            meas_imgs = imgs
+            meas_imgs = dixon_pair if mode == "dixon" else imgs
         tl = truth_lab if (pred.shape == truth_lab.shape and np.allclose(pred.affine, truth_lab.affine)) \
             else resample_like(truth_lab, pred, order=0)
         sides = side_map(pred, centres)
@@ -162,7 +169,7 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
 def summarise(rows: list[dict]) -> str:
     """Text summary: mean Dice per key class per mode, MAE, confusion, agreement."""
     lines = []
-    modes = sorted({r["mode"] for r in rows}, key=lambda m: ["both", "t1", "fluid", "truth_labels"].index(m))
+    modes = sorted({r["mode"] for r in rows}, key=lambda m: ["both", "t1", "fluid", "dixon", "truth_labels"].index(m))
     for mode in modes:
         rs = [r for r in rows if r["mode"] == mode and r["side"] == "all"]
         sd = [r for r in rows if r["mode"] == mode and r["side"] != "all"]
@@ -224,7 +231,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cohort", required=True)
     ap.add_argument("--model", default=None, help="bundle (default: the bundled model)")
-    ap.add_argument("--modes", default="both,t1,fluid")
+    ap.add_argument("--modes", default="both,t1,fluid", help="comma-separated: both, t1, fluid, dixon")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--truth-labels", action="store_true", help="also measure on the true label maps")
     ap.add_argument("--dixon", action="store_true",

@@ -67,8 +67,9 @@ def normalise_inputs(inputs: dict) -> dict:
         out["fluid_kind"] = fluid_kind
     if ("dixon_fat" in out) != ("dixon_water" in out):
         raise SubjectError("input", "Dixon needs both dixon_fat and dixon_water")
-    if "t1" not in out and "fluid" not in out:
-        raise SubjectError("input", "need a T1 and/or a fluid-sensitive (T2 fat-sat or STIR) image")
+    if "t1" not in out and "fluid" not in out and "dixon_fat" not in out:
+        raise SubjectError("input", "need a T1 and/or a fluid-sensitive (T2 fat-sat or STIR) image, "
+                                    "or a Dixon fat + water pair")
     return out
 
 
@@ -167,7 +168,7 @@ def _load_inputs(inputs: dict, max_voxels: int | None, warnings: list[str]) -> d
         if role == "fluid":
             img.meta["fluid_kind"] = kind
         images[role] = img
-    ref_role = "t1" if "t1" in images else "fluid"
+    ref_role = reference_role(images)
     for role, img in images.items():
         if role == ref_role:
             continue
@@ -178,6 +179,29 @@ def _load_inputs(inputs: dict, max_voxels: int | None, warnings: list[str]) -> d
         if w:
             warnings.append(w)
     return images
+
+
+def reference_role(images: dict) -> str:
+    """The input whose grid the label map takes: T1, else the fluid series, else Dixon fat."""
+    return next(r for r in ("t1", "fluid", "dixon_fat") if r in images)
+
+
+def network_inputs(images: dict[str, Image], warnings: list[str]) -> dict[str, Image]:
+    """The images the network segments: T1 and/or fluid; for a Dixon-only scan a T1-like image
+    made from the Dixon pair (``pipeline.dixon_input``), with a warning saying so."""
+    net = {k: images[k] for k in ("t1", "fluid") if k in images}
+    if net:
+        return net
+    from pipeline.dixon_input import DIXON_T1_WATER_WEIGHT, t1_like_from_dixon
+
+    try:
+        net["t1"] = t1_like_from_dixon(images["dixon_fat"], images["dixon_water"])
+    except ImageError as exc:
+        raise SubjectError("validate", f"Dixon: {exc}") from exc
+    warnings.append(f"no T1 or fluid-sensitive series: the network segmented a T1-like image made "
+                    f"from the Dixon pair (fat + {DIXON_T1_WATER_WEIGHT:g} x water); the fat fraction "
+                    "comes from Dixon; edema needs a T2 fat-sat or STIR series")
+    return net
 
 
 def _input_description(role: str, value, img: Image, sha: str | None) -> dict:
@@ -269,11 +293,12 @@ def run_subject(inputs: dict, out_dir, *, model=None, config=None, subject=None,
 
     t0 = time.perf_counter()
     images = _load_inputs(inputs, max_voxels, warnings)
-    ref_role = "t1" if "t1" in images else "fluid"
+    ref_role = reference_role(images)
     reference = images[ref_role]
     timings["load_s"] = time.perf_counter() - t0
 
     seg_info: dict = {}
+    net_images = None
     t0 = time.perf_counter()
     if labels_override is not None:
         labels = _load_labels(labels_override, label_table, reference, warnings)
@@ -285,8 +310,9 @@ def run_subject(inputs: dict, out_dir, *, model=None, config=None, subject=None,
 
         if model is None:
             model = load_model_or_fail(model_path, device)
+        net_images = network_inputs(images, warnings)
         with _stage_errors("segment"):
-            seg = segment(images, model, reference=ref_role)
+            seg = segment(net_images, model, reference=ref_role if ref_role in net_images else "t1")
         labels = seg.labels
         if labels.shape != reference.shape or not np.allclose(labels.affine, reference.affine, atol=1e-4):
             raise SubjectError("segment", "segmentation is not on the reference grid (internal error)")
@@ -325,6 +351,8 @@ def run_subject(inputs: dict, out_dir, *, model=None, config=None, subject=None,
     record = {"subject": subject, **result, "provenance": provenance}
 
     display = images.get("t1") or images.get("fluid")
+    if display is None:       # Dixon only: the T1-like image, on the label map's grid
+        display = (net_images or network_inputs(images, []))["t1"]
     seg_source = reference if write_dicom_seg and reference.meta.get("format") == "dicom" else None
     if write_dicom_seg and seg_source is None:
         warnings.append("DICOM SEG not written: the reference input is not DICOM")

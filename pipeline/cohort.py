@@ -2,7 +2,8 @@
 
 Manifest columns: ``subject,t1,fluid,dixon_fat,dixon_water`` plus optional ``fluid_kind``
 (t2fs/stir), ``t2fs``/``stir`` (instead of fluid + fluid_kind) and ``labels`` (+ ``label_table``);
-other columns are ignored. Paths are relative to the manifest's folder. The phantom generator's
+other columns are ignored; a row with only the Dixon pair is segmented on a T1-like image made
+from it (``pipeline.dixon_input``). Paths are relative to the manifest's folder. The phantom generator's
 ``cohort.csv`` works as is. Its ``labels`` column (truth) is only used with ``use_labels=True``
 (CLI ``--use-labels``): by default the network segments.
 
@@ -68,8 +69,9 @@ def read_manifest(path, *, use_labels: bool = False) -> list[SubjectSpec]:
         rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
     if "subject" not in columns:
         raise ManifestError(f"{path}: no 'subject' column (columns: {', '.join(columns)})")
-    if not {"t1", "fluid", "t2fs", "stir"} & set(columns):
-        raise ManifestError(f"{path}: needs a 't1' and/or 'fluid' (or 't2fs'/'stir') column")
+    if not {"t1", "fluid", "t2fs", "stir"} & set(columns) and not {"dixon_fat", "dixon_water"} <= set(columns):
+        raise ManifestError(f"{path}: needs a 't1' and/or 'fluid' (or 't2fs'/'stir') column, "
+                            "or 'dixon_fat' and 'dixon_water' columns")
 
     def resolve(p: str) -> str | None:
         if not p:
