@@ -99,9 +99,9 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
     runs = [(m, {k: v for k, v in all_imgs.items() if v is not None and (m == "both" or k == m)})
             for m in modes if m != "dixon"]
     if "dixon" in modes and dixon_pair:      # a Dixon-only scan, as infer.py runs it
-        from pipeline.dixon_input import t1_like_from_dixon
+        from pipeline.api import network_inputs
 
-        runs.append(("dixon", {"t1": t1_like_from_dixon(dixon_pair["dixon_fat"], dixon_pair["dixon_water"])}))
+        runs.append(("dixon", network_inputs(dixon_pair, [])))
     if truth_labels:
         runs.append(("truth_labels", None))
     for mode, imgs in runs:

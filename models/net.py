@@ -57,3 +57,13 @@ def build_network(architecture: dict | None, in_channels: int, out_channels: int
         norm=arch.get("norm", "instance"),
         dropout=float(arch.get("dropout", 0.0)),
     )
+
+
+def memory_layout(device, bf16: bool):
+    """The tensor memory format to run the network in: channels-last (NDHWC) in float32 on a
+    CPU, where oneDNN's 3D convolutions then skip their layout conversions (2 AVX2 cores: network
+    3.18 -> 2.55 s and peak 1.88 -> 1.50 GB on a 384 x 384 x 40 working grid, a training step of
+    2 x 128 x 128 x 16 patches 0.95 -> 0.81 s, logits equal to 5e-5); the plain layout with
+    bfloat16 or on a GPU, where it was not measured."""
+    return (torch.channels_last_3d if torch.device(device).type == "cpu" and not bf16
+            else torch.contiguous_format)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.image import Image, ImageError, resample_like
+from pipeline.image import Image, ImageError, overlap_fraction, resample_like
 
 #: Weight of the water image in the T1-like image (see the module docstring).
 DIXON_T1_WATER_WEIGHT = 0.5
@@ -27,11 +27,9 @@ def t1_like_from_dixon(fat: Image, water: Image, water_weight: float = DIXON_T1_
     """The T1-like image ``fat + water_weight * water`` on the fat image's grid.
 
     The water image is resampled in world coordinates (linear) when its grid differs. Raises
-    ImageError when the two images do not overlap or hold negative magnitudes throughout.
+    ImageError when the two images do not overlap or hold no positive signal.
     """
     if water.shape != fat.shape or not np.allclose(water.affine, fat.affine, atol=1e-4):
-        from pipeline.image import overlap_fraction
-
         if overlap_fraction(fat, water) < 0.2:
             raise ImageError("the Dixon fat and water images do not overlap")
         water = resample_like(water, fat, order=1)
