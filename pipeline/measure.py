@@ -206,15 +206,13 @@ def _measure_hip(side: str, hip: dict, other: dict | None, labels: Image, images
     shading = {"fluid": None, "t1": None}
     if qf is not None and cfg.shading_correction:
         uniform = {}
-        for n in ("gluteus_maximus", "other_muscle", "subcutaneous_fat"):
+        for n in signal.SHADING_TISSUES["t1"]:
             m = signal.local_tissue(labels.array, aff, centre, cfg.reference_radius_mm, LABELS[n])
             uniform[n] = None if m is None else signal.erode_inplane(m, aff, cfg.min_signal_voxels)
-        muscles = [uniform["gluteus_maximus"], uniform["other_muscle"]]
-        # fat-suppressed fat carries no signal to fit: muscles only on the fluid image
-        for key, tissues in (("fluid", muscles), ("t1", muscles + [uniform["subcutaneous_fat"]])):
+        for key, names in signal.SHADING_TISSUES.items():
             if images.get(key) is not None:
-                shading[key] = signal.fit_shading(images[key], tissues, aff, centre,
-                                                  cfg.reference_radius_mm, cfg.shading_degree)
+                shading[key] = signal.fit_shading(images[key], [uniform[n] for n in names], aff,
+                                                  centre, cfg.reference_radius_mm, cfg.shading_degree)
     fluid = images.get("fluid")
     if fluid is None:
         rec["qf_edema"]["reason"] = "no fluid-sensitive image (T2 fat-sat or STIR) given"

@@ -359,7 +359,7 @@ def scan_shading(images: dict[str, Image], probs_w, working_affine: np.ndarray,
     images where a fit was possible.
     """
     from pipeline.sides import Mask
-    from pipeline.signal import fit_shading
+    from pipeline.signal import SHADING_TISSUES, fit_shading
 
     p = probs_w.numpy() if hasattr(probs_w, "numpy") else np.asarray(probs_w)
     # every ``stride``-th working voxel along each axis: 2 is enough to detect shading and 8x
@@ -367,18 +367,16 @@ def scan_shading(images: dict[str, Image], probs_w, working_affine: np.ndarray,
     p = p[:, ::stride, ::stride, ::stride]
     aff = np.array(working_affine, float)
     aff[:3, :3] *= float(stride)
-    masks = {n: p[LABELS[n]] > SHADING_MIN_PROB
-             for n in ("gluteus_maximus", "other_muscle", "subcutaneous_fat")}
+    masks = {n: p[LABELS[n]] > SHADING_MIN_PROB for n in SHADING_TISSUES["t1"]}
     muscle = masks["gluteus_maximus"] | masks["other_muscle"]
     if not muscle.any():
         return {}
     centre = np.argwhere(muscle).mean(0) @ aff[:3, :3].T + aff[:3, 3]
     out = {}
     for key, img in images.items():
-        if img is None or key.startswith("dixon"):
+        if img is None or key not in SHADING_TISSUES:
             continue
-        names = ["gluteus_maximus", "other_muscle"] + (["subcutaneous_fat"] if key == "t1" else [])
-        tissues = [Mask(np.zeros(3, int), masks[n]) for n in names if masks[n].any()]
+        tissues = [Mask(np.zeros(3, int), masks[n]) for n in SHADING_TISSUES[key] if masks[n].any()]
         fit = fit_shading(img, tissues, aff, centre, None, 2)
         if fit is not None:
             out[key] = fit

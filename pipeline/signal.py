@@ -152,6 +152,10 @@ def sample_in_mask(img: Image, mask: Mask, label_affine: np.ndarray,
     return (values, img.voxel_to_world(np.stack(u, axis=1))) if positions else values
 
 
+#: The tissues each image's shading is fitted on (measurement and segment() alike): the muscles
+#: other than the QF, and on T1 also subcutaneous fat (fat-suppressed fat has no signal to fit).
+SHADING_TISSUES = {"t1": ("gluteus_maximus", "other_muscle", "subcutaneous_fat"),
+                   "fluid": ("gluteus_maximus", "other_muscle")}
 #: Voxels per tissue that the shading fit samples (a dozen coefficients need far fewer).
 SHADING_SAMPLES = 10000
 #: The shading fit ignores voxels below this fraction of their tissue's 95th percentile.
