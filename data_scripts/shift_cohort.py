@@ -17,6 +17,14 @@ Shifts, each modelled on how it arises in an MR scanner:
   slice's k-space lines are phase-shifted by a sinusoidal displacement of ``strength`` mm.
 * ``ringing``: in-plane k-space truncated to ``strength`` of its extent without filtering
   (Gibbs ringing and blur, as from a low acquisition matrix zero-filled to the stored one).
+* ``tissue``: another scanner's or generator's tissue contrast. Per series, the signal of each
+  tissue class (muscle, fat, bone, tendon: the labelled structures, and as fat the unlabelled
+  voxels bright on T1) is multiplied by its own
+  factor, drawn log-uniformly in [1 / ``strength``, ``strength``], the factor map blurred by 1 mm
+  so that partial-volume edges stay partial. All muscles share one factor, so the QF keeps its
+  signal relative to the gluteus maximus (edema grades stay true), but the T1 fat fraction,
+  calibrated between muscle and subcutaneous fat, no longer matches the truth: fat grades are not
+  scored on this shift. Dixon is left as is.
 """
 from __future__ import annotations
 
@@ -31,9 +39,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.image import Image, load_nifti, save_nifti  # noqa: E402
+from pipeline.image import Image, load_nifti, resample_like, save_nifti  # noqa: E402
+from pipeline.labels import LABELS  # noqa: E402
 
-SHIFTS = {"coil": 0.6, "gamma": 0.5, "ghost": 1.5, "ringing": 0.5}
+SHIFTS = {"coil": 0.6, "gamma": 0.5, "ghost": 1.5, "ringing": 0.5, "tissue": 1.6}
+#: tissue classes of the ``tissue`` shift: each gets one contrast factor per series
+TISSUE_CLASSES = {
+    "muscle": ("quadratus_femoris", "gluteus_maximus", "other_muscle"),
+    "fat": ("subcutaneous_fat",),
+    "bone": ("femur", "pelvis", "lesser_trochanter", "ischial_tuberosity"),
+    "tendon": ("hamstring_tendon", "iliopsoas_tendon"),
+}
 IMAGE_COLUMNS = ("t1", "fluid", "dixon_fat", "dixon_water")
 
 
@@ -125,10 +141,51 @@ def ringing(img: Image, keep: float) -> np.ndarray:
     return np.abs(out).astype(np.float32)
 
 
+def tissue_map(labels: Image, t1: Image | None) -> Image:
+    """Tissue class per voxel on the label map's grid: 0 unchanged, 1.. the ``TISSUE_CLASSES``.
+
+    Unlabelled voxels (fat planes between muscles, pelvic and ischioanal fat) that are brighter on
+    T1 than halfway between muscle and subcutaneous fat count as fat, so that all fat changes
+    alike; without a T1 only the labelled structures change.
+    """
+    lab = labels.array
+    out = np.zeros(lab.shape, np.uint8)
+    for k, names in enumerate(TISSUE_CLASSES.values(), start=1):
+        out[np.isin(lab, [LABELS[n] for n in names])] = k
+    if t1 is not None:
+        t = resample_like(t1, labels, order=1).array
+        muscle = np.isin(lab, [LABELS[n] for n in TISSUE_CLASSES["muscle"]])
+        fat = np.isin(lab, [LABELS[n] for n in TISSUE_CLASSES["fat"]])
+        if muscle.any() and fat.any():
+            half = 0.5 * (float(np.median(t[muscle])) + float(np.median(t[fat])))
+            out[(lab == 0) & (t > half)] = list(TISSUE_CLASSES).index("fat") + 1
+    return Image(out, labels.affine)
+
+
+def tissue_contrast(img: Image, tissues: Image, strength: float, rng: np.random.Generator,
+                    blur_mm: float = 1.0) -> tuple[np.ndarray, dict]:
+    """``img`` with each tissue class of ``tissues`` (``tissue_map``) scaled by its own random factor.
+
+    ``tissues`` may lie on another grid: it is taken onto ``img``'s in world coordinates
+    (nearest). Returns the new array and the factors drawn, by class.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    cls = resample_like(tissues, img, order=0).array
+    table = np.ones(len(TISSUE_CLASSES) + 1, np.float32)
+    drawn = {}
+    for k, name in enumerate(TISSUE_CLASSES, start=1):
+        drawn[name] = float(np.exp(rng.uniform(-np.log(strength), np.log(strength))))
+        table[k] = drawn[name]
+    sigma = [blur_mm / s for s in img.spacing]
+    return img.array * gaussian_filter(table[cls], sigma, mode="nearest"), drawn
+
+
 def shift_subject(row: dict, src: Path, dst: Path, shift: str, strength: float, seed: int) -> None:
     """Write the shifted copy of one subject of the cohort."""
     rng = np.random.default_rng(seed)
     images = {c: load_nifti(src / row[c]) for c in IMAGE_COLUMNS if row.get(c)}
+    tissues = tissue_map(load_nifti(src / row["labels"]), images.get("t1")) if shift == "tissue" else None
     ellipse = body_ellipse(images["t1"]) if shift == "coil" and "t1" in images else None
     for col, img in images.items():
         if shift == "coil":
@@ -141,6 +198,8 @@ def shift_subject(row: dict, src: Path, dst: Path, shift: str, strength: float, 
             out = ghost(img, strength, np.random.default_rng(rng.integers(2**32)))
         elif shift == "ringing":
             out = ringing(img, strength)
+        elif shift == "tissue":
+            out = img.array if col.startswith("dixon") else tissue_contrast(img, tissues, strength, rng)[0]
         else:
             raise ValueError(f"unknown shift {shift!r}; one of {', '.join(SHIFTS)}")
         save_nifti(img.with_array(np.asarray(out, np.float32)), dst / row[col])

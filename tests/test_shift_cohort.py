@@ -6,8 +6,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_scripts.shift_cohort import coil_field, gamma_map, ghost, main, ringing, world_grid
+from data_scripts.shift_cohort import (TISSUE_CLASSES, coil_field, gamma_map, ghost, main, ringing, tissue_contrast,
+                                      tissue_map, world_grid)
 from pipeline.image import Image
+from pipeline.labels import LABELS
 
 
 def _image(rng, slice_axis=2, spacing=(0.8, 0.8, 5.0)):
@@ -81,3 +83,34 @@ def test_shifted_cohort_keeps_grid_labels_and_truth(tmp_path):
     assert (dst / "s0" / "truth.json").read_text() == (src / "s0" / "truth.json").read_text()
     with pytest.raises(SystemExit):
         main(["--cohort", str(src), "--out", str(src), "--shift", "coil"])
+
+
+def test_tissue_contrast_scales_each_class_on_its_own_grid():
+    """Labels on an RAS grid, the image stored LPS-flipped: each class's interior gets its own factor
+    (found in world coordinates), unlabelled tissue keeps its signal."""
+    shape = (40, 40, 6)
+    aff = np.diag([1.0, 1.0, 4.0, 1.0])
+    lab = np.zeros(shape, np.uint8)
+    blocks = {"quadratus_femoris": (slice(2, 10), slice(2, 12)), "subcutaneous_fat": (slice(12, 20), slice(2, 12)),
+              "femur": (slice(22, 30), slice(2, 12)), "hamstring_tendon": (slice(2, 10), slice(20, 30)),
+              "gluteus_maximus": (slice(12, 20), slice(20, 30))}
+    for name, (a, b) in blocks.items():
+        lab[a, b, :] = LABELS[name]
+    flip = np.diag([-1.0, -1.0, 4.0, 1.0])
+    flip[:2, 3] = shape[0] - 1, shape[1] - 1           # the same world box, stored LPS
+    t1 = np.where(np.isin(lab, [LABELS["subcutaneous_fat"]]), 300.0, 100.0).astype(np.float32)
+    t1[32:38, 32:38, :] = 280.0                         # an unlabelled fat plane
+    tissues = tissue_map(Image(lab, aff), Image(t1, aff))
+    img = Image(np.full(shape, 100.0, np.float32), flip)
+    out, drawn = tissue_contrast(img, tissues, 1.6, np.random.default_rng(3), blur_mm=0.3)
+    assert set(drawn) == set(TISSUE_CLASSES) and all(1 / 1.6 <= f <= 1.6 for f in drawn.values())
+    assert len({round(f, 6) for f in drawn.values()}) == len(drawn)
+    world = out[::-1, ::-1, :]                          # back to the labels' (RAS) storage
+    for name, (a, b) in blocks.items():
+        cls = next(c for c, names in TISSUE_CLASSES.items() if name in names)
+        centre = world[(a.start + a.stop) // 2, (b.start + b.stop) // 2, 3]
+        assert centre == pytest.approx(100.0 * drawn[cls], rel=1e-3), name
+    assert world[25, 35, 3] == pytest.approx(100.0)                  # unlabelled, not fat: unchanged
+    assert world[35, 35, 3] == pytest.approx(100.0 * drawn["fat"], rel=1e-3)   # changes with the fat
+    # muscles share one factor: the QF keeps its signal relative to the gluteus maximus
+    assert world[6, 7, 3] == pytest.approx(world[16, 25, 3], rel=1e-3)
