@@ -59,6 +59,18 @@ def build_network(architecture: dict | None, in_channels: int, out_channels: int
     )
 
 
+def bf16_native(device) -> bool:
+    """Whether ``device`` runs bfloat16 natively: a GPU, or a CPU whose oneDNN has bfloat16
+    kernels (AVX-512 BF16 / AMX). Elsewhere bfloat16 autocast is emulated and far slower than
+    float32 (a training step of 2 x 128 x 128 x 16 patches on 2 AVX2 cores: 55 s against 2 s)."""
+    if torch.device(device).type == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
 def memory_layout(device, bf16: bool):
     """The tensor memory format to run the network in: channels-last (NDHWC) in float32 on a
     CPU, where oneDNN's 3D convolutions then skip their layout conversions (2 AVX2 cores: network

@@ -133,17 +133,6 @@ def load_model(path: str | Path | None = None, device: str = "auto") -> SegModel
     return SegModel(net, meta, dev, str(path) if path is not None else str(DEFAULT_BUNDLE))
 
 
-def _bf16_ok(device) -> bool:
-    import torch
-
-    if device.type == "cuda":
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
-
-
 def predict_logits(net, array: np.ndarray, meta: dict, device, bf16: bool | None = None,
                    mirror: bool = False):
     """Run the network on a (C, X, Y, Z) working-grid array; returns (K, X, Y, Z) float32 logits (torch).
@@ -161,12 +150,12 @@ def predict_logits(net, array: np.ndarray, meta: dict, device, bf16: bool | None
     import torch
     from monai.inferers import sliding_window_inference
 
-    from models.net import divisor, memory_layout
+    from models.net import bf16_native, divisor, memory_layout
 
     inf = meta.get("inference", {})
     if bf16 is None:
         bf16 = bool(inf.get("bf16", False))
-    bf16 = bf16 and _bf16_ok(device)
+    bf16 = bf16 and bf16_native(device)
     div = np.asarray(divisor(meta["architecture"]))
     shape = np.asarray(array.shape[1:])
     padded = (np.ceil(shape / div) * div).astype(int)

@@ -287,3 +287,29 @@ def test_contact_mask_matches_a_max_pooling_dilation(radius):
                for v in values)
     inside = sum((y == v).int() for v in values) > 0
     assert torch.equal(contact_mask(y, radius=radius), inside & (near >= 2))
+
+
+def test_bf16_is_refused_where_the_cpu_would_only_emulate_it(dataset, tmp_path, monkeypatch, capsys):
+    """--bf16 on a CPU without native bfloat16 trains in float32 (emulated bfloat16 is ~25x slower
+    there), says so, and records what it used; autocast is never entered with bfloat16."""
+    import models.net
+    from models.bundle import load_bundle
+    from pipeline.training import TrainConfig, run_training
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(models.net, "bf16_native", lambda device: False)
+    used = []
+    real_autocast = torch.autocast
+
+    def spy(device_type, dtype=None, enabled=True, **kw):
+        used.append(bool(enabled) and dtype == torch.bfloat16)
+        return real_autocast(device_type, dtype=dtype, enabled=enabled, **kw)
+
+    monkeypatch.setattr(torch, "autocast", spy)
+    cfg = TrainConfig(data=str(dataset), out=str(tmp_path / "run"), epochs=1, steps_per_epoch=1, batch=2,
+                      patch=(32, 32, 8), val_fraction=0.34, seed=1, progress=False, bf16=True)
+    assert run_training(cfg)["epochs"] == 1
+    assert used and not any(used)
+    assert "--bf16 ignored" in capsys.readouterr().err
+    _, meta = load_bundle(tmp_path / "run" / "last")
+    assert meta["training"]["bf16"] is False
