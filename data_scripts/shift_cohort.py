@@ -40,16 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.image import Image, load_nifti, resample_like, save_nifti  # noqa: E402
-from pipeline.labels import LABELS  # noqa: E402
+from pipeline.labels import LABELS, TISSUE_CLASSES  # noqa: E402
 
 SHIFTS = {"coil": 0.6, "gamma": 0.5, "ghost": 1.5, "ringing": 0.5, "tissue": 1.6}
-#: tissue classes of the ``tissue`` shift: each gets one contrast factor per series
-TISSUE_CLASSES = {
-    "muscle": ("quadratus_femoris", "gluteus_maximus", "other_muscle"),
-    "fat": ("subcutaneous_fat",),
-    "bone": ("femur", "pelvis", "lesser_trochanter", "ischial_tuberosity"),
-    "tendon": ("hamstring_tendon", "iliopsoas_tendon"),
-}
 IMAGE_COLUMNS = ("t1", "fluid", "dixon_fat", "dixon_water")
 
 

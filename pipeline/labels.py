@@ -33,6 +33,16 @@ REQUIRED_FOR_QFS = ("hamstring_tendon", "lesser_trochanter")
 
 NUM_CLASSES = max(LABELS.values()) + 1
 
+#: Tissue classes whose MR contrast differs between scanners and sequences (all muscles alike, so
+#: the QF keeps its signal relative to the reference muscle): the per-tissue contrast of the
+#: ``tissue`` robustness probe (data_scripts/shift_cohort.py) and of training's augmentation.
+TISSUE_CLASSES: dict[str, tuple[str, ...]] = {
+    "muscle": ("quadratus_femoris", "gluteus_maximus", "other_muscle"),
+    "fat": ("subcutaneous_fat",),
+    "bone": ("femur", "pelvis", "lesser_trochanter", "ischial_tuberosity"),
+    "tendon": ("hamstring_tendon", "iliopsoas_tendon"),
+}
+
 
 def label_names() -> list[str]:
     """Return structure names ordered by label value (index i holds the name of value i)."""

@@ -52,7 +52,8 @@ from pathlib import Path
 import numpy as np
 from monai.transforms import MapTransform, RandomizableTransform, Transform
 
-from pipeline.labels import KEY_STRUCTURES, NUM_CLASSES, label_names, read_label_table, remap_to_project
+from pipeline.labels import (KEY_STRUCTURES, LABELS, NUM_CLASSES, TISSUE_CLASSES, label_names, read_label_table,
+                             remap_to_project)
 
 #: Structures the "done" criteria are about; the best checkpoint maximises their mean Dice.
 
@@ -90,6 +91,7 @@ class TrainConfig:
     bf16: bool = False
     class_weights: dict | None = None
     contact_weight: float = 1.0
+    tissue_contrast: float = 0.0
     threads: int | None = None
     progress: bool = True
     description: str | None = None
@@ -216,6 +218,66 @@ class RandDomainRandomisationd(RandomizableTransform, MapTransform):
         return d
 
 
+class RandTissueContrastd(RandomizableTransform, MapTransform):
+    """Another scanner's tissue contrast on the image itself (unlike ``RandDomainRandomisationd``,
+    which replaces the image): with probability ``prob`` each present channel's tissue classes
+    (``labels.TISSUE_CLASSES``: muscle, fat, bone, tendon) are multiplied by their own factor,
+    log-uniform in [1 / ``max_factor``, ``max_factor``]. Unlabelled voxels whose intensity is
+    nearer the channel's median fat than its median muscle (fat planes, pelvic fat) change with
+    the fat; the rest keep their signal. The channel is then rescaled so that its 99.5th
+    percentile stays where it was, as inference's percentile normalisation would. The probe ``shift_cohort.py --shift tissue`` showed the
+    bundled models lose accuracy to exactly this.
+    """
+
+    def __init__(self, keys=("image",), label_key="label", prob=0.3, max_factor=2.0):
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
+        self.label_key = label_key
+        self.max_factor = float(max_factor)
+        self._tissue_of = np.zeros(NUM_CLASSES, np.int64)      # label value -> tissue (0: none)
+        for k, names in enumerate(TISSUE_CLASSES.values(), start=1):
+            self._tissue_of[[LABELS[n] for n in names]] = k
+        self._fat = list(TISSUE_CLASSES).index("fat") + 1
+        self._muscle = list(TISSUE_CLASSES).index("muscle") + 1
+
+    def __call__(self, data):
+        import torch
+
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        lab = torch.as_tensor(d[self.label_key])[0].round().long().clamp(0, NUM_CLASSES - 1)
+        tissue = torch.from_numpy(self._tissue_of)[lab]
+        step = max(1, tissue.numel() // 50_000)               # statistics on a strided sample
+        t_s = tissue.reshape(-1)[::step]
+        log_m = np.log(self.max_factor)
+        for key in self.keys:
+            img = torch.as_tensor(d[key]).clone()
+            for c in range(img.shape[0]):
+                if not torch.any(img[c] != 0):
+                    continue                           # absent channel stays absent
+                table = torch.ones(len(TISSUE_CLASSES) + 1)
+                table[1:] = torch.from_numpy(np.exp(self.R.uniform(-log_m, log_m, len(TISSUE_CLASSES)))).float()
+                x_s = img[c].reshape(-1)[::step]
+                cls = tissue
+                fat_s, mus_s = x_s[t_s == self._fat], x_s[t_s == self._muscle]
+                if fat_s.numel() and mus_s.numel():
+                    fat_med, mus_med = fat_s.median(), mus_s.median()
+                    fatlike = (tissue == 0) & ((img[c] - fat_med).abs() < (img[c] - mus_med).abs())
+                    cls = torch.where(fatlike, torch.full_like(tissue, self._fat), tissue)
+                new = img[c] * table[cls]
+                # back to the normalised range, as inference's percentile normalisation would put it
+                body_old, new_s = x_s[x_s > 0], new.reshape(-1)[::step][x_s > 0]
+                if body_old.numel():
+                    top_new = torch.quantile(new_s, 0.995)
+                    if top_new > 0:
+                        new = new * (torch.quantile(body_old, 0.995) / top_new)
+                img[c] = new.clamp(0.0, 1.5)
+            d[key] = img
+        return d
+
+
 class RandChannelDropoutd(RandomizableTransform, MapTransform):
     """With probability ``prob`` zero one of the two channels (T1 only / fluid only at inference).
 
@@ -242,10 +304,13 @@ class RandChannelDropoutd(RandomizableTransform, MapTransform):
         return d
 
 
-def train_transforms(meta: dict, cache_dir: Path, samples: int, patch) -> "object":
+def train_transforms(meta: dict, cache_dir: Path, samples: int, patch, tissue_contrast: float = 0.0
+                     ) -> "object":
     """The MONAI dictionary transform chain (deterministic head is cached by CacheDataset).
 
     ``samples``: patches drawn from each subject (the loader stacks the subjects of one step).
+    ``tissue_contrast``: probability of ``RandTissueContrastd``; at 0 it is left out of the chain,
+    so that the bundled models' recipe draws exactly the random numbers it drew.
     """
     from monai.transforms import (CastToTyped, ClassesToIndicesd, Compose, EnsureTyped, Identityd, OneOf,
                                   Rand3DElasticd, RandAdjustContrastd, RandAffined, RandBiasFieldd,
@@ -283,6 +348,7 @@ def train_transforms(meta: dict, cache_dir: Path, samples: int, patch) -> "objec
                               mode=("bilinear", "nearest"), padding_mode="zeros"),
                Identityd(keys)], weights=(0.03, 0.97)),
         RandDomainRandomisationd(("image",), "label", prob=0.3),
+        *([RandTissueContrastd(("image",), "label", prob=tissue_contrast)] if tissue_contrast > 0 else []),
         RandBiasFieldd("image", coeff_range=(0.0, 0.3), prob=0.3),
         RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
         RandHistogramShiftd("image", num_control_points=(5, 10), prob=0.1),
@@ -418,6 +484,8 @@ def run_training(cfg: TrainConfig) -> dict:
     from models.net import bf16_native, memory_layout
 
     t_start = time.time()
+    if not 0.0 <= cfg.tissue_contrast <= 1.0:
+        raise ValueError(f"--tissue-contrast {cfg.tissue_contrast} is not a probability (0 to 1)")
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -444,9 +512,12 @@ def run_training(cfg: TrainConfig) -> dict:
         "seed": cfg.seed, "batch": cfg.batch, "patches_per_subject": min(cfg.patches_per_subject, cfg.batch),
         "patch": list(cfg.patch), "lr": cfg.lr,
         "class_weights": dict(cfg.class_weights or {}), "contact_weight": cfg.contact_weight,
+        "tissue_contrast": cfg.tissue_contrast,
         "epochs": cfg.epochs, "minutes": cfg.minutes, "steps_per_epoch": cfg.steps_per_epoch,
         "command": command, "device": device.type, "bf16": use_bf16, "torch": torch.__version__,
-        "augmentation": "flip LR, affine, grid distortion, elastic, SynthSeg contrast, bias, gamma, histogram shift, "
+        "augmentation": "flip LR, affine, grid distortion, elastic, SynthSeg contrast, "
+                        + ("tissue contrast, " if cfg.tissue_contrast > 0 else "")
+                        + "bias, gamma, histogram shift, "
                         "low resolution, blur, noise, channel dropout",
     }
     cohort_info = Path(cfg.data) / "cohort.json" if Path(cfg.data).is_dir() else None
@@ -475,7 +546,7 @@ def run_training(cfg: TrainConfig) -> dict:
     per_subject = min(cfg.patches_per_subject, cfg.batch)
     if per_subject < 1 or cfg.batch % per_subject:
         raise ValueError(f"--batch {cfg.batch} is not a multiple of --patches-per-subject {cfg.patches_per_subject}")
-    train_ds = CacheDataset(train_recs, train_transforms(meta, cache_dir, per_subject, cfg.patch),
+    train_ds = CacheDataset(train_recs, train_transforms(meta, cache_dir, per_subject, cfg.patch, cfg.tissue_contrast),
                             cache_rate=1.0, num_workers=0, progress=cfg.progress)
     val_items = [val_transforms(meta, cache_dir)(r) for r in val_recs]
     _log(run_dir, f"cached {len(train_recs)} training + {len(val_recs)} validation subjects "

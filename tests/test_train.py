@@ -76,7 +76,7 @@ def test_training_smoke_run_and_resume(dataset, tmp_path):
     run = tmp_path / "run"
     cfg = TrainConfig(data=str(dataset), out=str(run), epochs=1, steps_per_epoch=2, batch=2,
                       patch=(32, 32, 8), val_fraction=0.34, seed=1, progress=False,
-                      class_weights={"hamstring_tendon": 2.0}, contact_weight=10.0)
+                      class_weights={"hamstring_tendon": 2.0}, contact_weight=10.0, tissue_contrast=1.0)
     s = run_training(cfg)
     assert s["epochs"] == 1
     for name in ("best.safetensors", "best.json", "last.safetensors", "last.json", "checkpoint.pt",
@@ -88,6 +88,7 @@ def test_training_smoke_run_and_resume(dataset, tmp_path):
     assert meta["metrics"]["epoch"] == 1 and meta["training"]["n_val"] == 1
     assert meta["training"]["class_weights"] == {"hamstring_tendon": 2.0}
     assert meta["training"]["contact_weight"] == 10.0
+    assert meta["training"]["tissue_contrast"] == 1.0 and "tissue contrast" in meta["training"]["augmentation"]
     assert set(meta["metrics"]["val_dice"]) == {n for n in LABELS if n != "background"}
     cfg.resume, cfg.epochs = True, 2
     s2 = run_training(cfg)
@@ -313,3 +314,42 @@ def test_bf16_is_refused_where_the_cpu_would_only_emulate_it(dataset, tmp_path, 
     assert "--bf16 ignored" in capsys.readouterr().err
     _, meta = load_bundle(tmp_path / "run" / "last")
     assert meta["training"]["bf16"] is False
+
+
+def test_tissue_contrast_scales_each_tissue_of_the_image_by_its_own_factor():
+    """Each tissue class of a channel gets one factor (muscles alike), fat-like unlabelled voxels
+    follow the fat, other unlabelled voxels only the channel's renormalisation, an absent channel
+    nothing; the transform joins the chain only when asked for, so the bundled recipe's random
+    draws are unchanged."""
+    from pipeline.training import RandTissueContrastd, train_transforms
+
+    lab = torch.zeros(1, 24, 24, 4)
+    img = torch.full((2, 24, 24, 4), 0.1)
+    regions = {"quadratus_femoris": (slice(0, 6), 0.15), "gluteus_maximus": (slice(6, 12), 0.15),
+               "subcutaneous_fat": (slice(12, 16), 0.5), "femur": (slice(16, 20), 0.3),
+               "hamstring_tendon": (slice(20, 22), 0.03)}
+    for name, (xs, v) in regions.items():
+        lab[0, xs, :12] = LABELS[name]
+        img[0, xs, :12] = v
+    img[0, :, 12:18] = 0.48                                  # unlabelled fat plane
+    img[0, :, 18:] = 0.1                                     # unlabelled, not fat
+    img[1] = 0                                               # absent channel
+    for seed in range(6):
+        tc = RandTissueContrastd(prob=1.0, max_factor=2.0)
+        tc.set_random_state(seed)
+        out = tc({"image": img, "label": lab})["image"]
+        assert not out[1].any()
+        ratio = out[0] / img[0]
+        norm = ratio[0, 20, 0]                               # unlabelled, not fat: renormalisation only
+        assert torch.allclose(ratio[:, 18:], norm)
+        qf, gm = ratio[lab[0] == LABELS["quadratus_femoris"]], ratio[lab[0] == LABELS["gluteus_maximus"]]
+        assert torch.allclose(qf, qf[0]) and torch.allclose(gm, qf[0])    # muscles share one factor
+        fat = ratio[lab[0] == LABELS["subcutaneous_fat"]]
+        assert torch.allclose(ratio[:, 12:18], fat[0], rtol=1e-4)       # the fat plane changes with the fat
+        factors = [float(r / norm) for r in (qf[0], fat[0], ratio[lab[0] == LABELS["femur"]][0],
+                                             ratio[lab[0] == LABELS["hamstring_tendon"]][0])]
+        assert len({round(f, 4) for f in factors}) == 4 and all(0.5 - 1e-4 <= f <= 2.0 + 1e-4 for f in factors)
+        assert float(out[0].max()) <= 0.5 + 1e-5                         # the channel's top stays put
+    names = lambda chain: [type(t).__name__ for t in chain.transforms]
+    assert "RandTissueContrastd" not in names(train_transforms({}, Path("."), 2, (32, 32, 8)))
+    assert "RandTissueContrastd" in names(train_transforms({}, Path("."), 2, (32, 32, 8), tissue_contrast=0.3))
