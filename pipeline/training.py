@@ -176,7 +176,42 @@ class LoadCachedSubjectd(Transform):
 
 
 # ----------------------------------------------------------------------------- transforms
-class RandDomainRandomisationd(RandomizableTransform, MapTransform):
+class _PerChannelByLabel(RandomizableTransform, MapTransform):
+    """Base of the label-guided intensity transforms: with probability ``prob``, every present
+    channel of ``keys`` is replaced by ``self._channel(channel, lab, prepared)``; an absent
+    (all-zero) channel stays absent. ``lab``: the label map as class indices."""
+
+    def __init__(self, keys=("image",), label_key="label", prob=0.3):
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
+        self.label_key = label_key
+
+    def _prepare(self, lab):
+        """Per-sample work shared by the channels (default: none)."""
+        return None
+
+    def _channel(self, x, lab, prepared):
+        raise NotImplementedError
+
+    def __call__(self, data):
+        import torch
+
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        lab = torch.as_tensor(d[self.label_key])[0].round().long().clamp(0, NUM_CLASSES - 1)
+        prepared = self._prepare(lab)
+        for key in self.keys:
+            img = torch.as_tensor(d[key]).clone()
+            for c in range(img.shape[0]):
+                if torch.any(img[c] != 0):
+                    img[c] = self._channel(img[c], lab, prepared)
+            d[key] = img
+        return d
+
+
+class RandDomainRandomisationd(_PerChannelByLabel):
     """SynthSeg-style contrast randomisation (Billot et al. 2023).
 
     With probability ``prob`` every present image channel is replaced by a random intensity per
@@ -185,54 +220,35 @@ class RandDomainRandomisationd(RandomizableTransform, MapTransform):
     factor. The network then keys on shape and context rather than on the phantom's contrast.
     """
 
-    def __init__(self, keys=("image",), label_key="label", prob=0.3):
-        RandomizableTransform.__init__(self, prob)
-        MapTransform.__init__(self, keys)
-        self.label_key = label_key
-
-    def __call__(self, data):
+    def _channel(self, x, lab, prepared):
         import torch
         from monai.transforms import GaussianSmooth
 
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        lab = torch.as_tensor(d[self.label_key])[0].round().long().clamp(0, NUM_CLASSES - 1)
-        for key in self.keys:
-            img = torch.as_tensor(d[key]).clone()
-            for c in range(img.shape[0]):
-                if not torch.any(img[c] != 0):
-                    continue                           # absent channel stays absent
-                mu = torch.from_numpy(self.R.uniform(0.0, 1.2, NUM_CLASSES)).float()
-                sd = torch.from_numpy(self.R.uniform(0.0, 0.08, NUM_CLASSES)).float()
-                noise = torch.from_numpy(self.R.standard_normal(lab.shape).astype(np.float32))
-                new = mu[lab] + sd[lab] * noise
-                bg = lab == 0
-                new[bg] = img[c][bg] * float(self.R.uniform(0.5, 1.5))
-                sigma = float(self.R.uniform(0.0, 1.0))
-                if sigma > 0.1:
-                    new = GaussianSmooth(sigma=(sigma, sigma, sigma * 0.25))(new[None])[0]
-                img[c] = torch.as_tensor(new).clamp(0.0, 1.5)
-            d[key] = img
-        return d
+        mu = torch.from_numpy(self.R.uniform(0.0, 1.2, NUM_CLASSES)).float()
+        sd = torch.from_numpy(self.R.uniform(0.0, 0.08, NUM_CLASSES)).float()
+        noise = torch.from_numpy(self.R.standard_normal(lab.shape).astype(np.float32))
+        new = mu[lab] + sd[lab] * noise
+        bg = lab == 0
+        new[bg] = x[bg] * float(self.R.uniform(0.5, 1.5))
+        sigma = float(self.R.uniform(0.0, 1.0))
+        if sigma > 0.1:
+            new = GaussianSmooth(sigma=(sigma, sigma, sigma * 0.25))(new[None])[0]
+        return torch.as_tensor(new).clamp(0.0, 1.5)
 
 
-class RandTissueContrastd(RandomizableTransform, MapTransform):
+class RandTissueContrastd(_PerChannelByLabel):
     """Another scanner's tissue contrast on the image itself (unlike ``RandDomainRandomisationd``,
     which replaces the image): with probability ``prob`` each present channel's tissue classes
     (``labels.TISSUE_CLASSES``: muscle, fat, bone, tendon) are multiplied by their own factor,
     log-uniform in [1 / ``max_factor``, ``max_factor``]. Unlabelled voxels whose intensity is
     nearer the channel's median fat than its median muscle (fat planes, pelvic fat) change with
     the fat; the rest keep their signal. The channel is then rescaled so that its 99.5th
-    percentile stays where it was, as inference's percentile normalisation would. The probe ``shift_cohort.py --shift tissue`` showed the
-    bundled models lose accuracy to exactly this.
+    percentile stays where it was, as inference's percentile normalisation would. The probe
+    ``shift_cohort.py --shift tissue`` showed the bundled models lose accuracy to exactly this.
     """
 
     def __init__(self, keys=("image",), label_key="label", prob=0.3, max_factor=2.0):
-        RandomizableTransform.__init__(self, prob)
-        MapTransform.__init__(self, keys)
-        self.label_key = label_key
+        super().__init__(keys, label_key, prob)
         self.max_factor = float(max_factor)
         self._tissue_of = np.zeros(NUM_CLASSES, np.int64)      # label value -> tissue (0: none)
         for k, names in enumerate(TISSUE_CLASSES.values(), start=1):
@@ -240,42 +256,35 @@ class RandTissueContrastd(RandomizableTransform, MapTransform):
         self._fat = list(TISSUE_CLASSES).index("fat") + 1
         self._muscle = list(TISSUE_CLASSES).index("muscle") + 1
 
-    def __call__(self, data):
+    def _prepare(self, lab):
         import torch
 
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        lab = torch.as_tensor(d[self.label_key])[0].round().long().clamp(0, NUM_CLASSES - 1)
         tissue = torch.from_numpy(self._tissue_of)[lab]
         step = max(1, tissue.numel() // 50_000)               # statistics on a strided sample
-        t_s = tissue.reshape(-1)[::step]
+        return tissue, step, tissue.reshape(-1)[::step]
+
+    def _channel(self, x, lab, prepared):
+        import torch
+
+        tissue, step, t_s = prepared
         log_m = np.log(self.max_factor)
-        for key in self.keys:
-            img = torch.as_tensor(d[key]).clone()
-            for c in range(img.shape[0]):
-                if not torch.any(img[c] != 0):
-                    continue                           # absent channel stays absent
-                table = torch.ones(len(TISSUE_CLASSES) + 1)
-                table[1:] = torch.from_numpy(np.exp(self.R.uniform(-log_m, log_m, len(TISSUE_CLASSES)))).float()
-                x_s = img[c].reshape(-1)[::step]
-                cls = tissue
-                fat_s, mus_s = x_s[t_s == self._fat], x_s[t_s == self._muscle]
-                if fat_s.numel() and mus_s.numel():
-                    fat_med, mus_med = fat_s.median(), mus_s.median()
-                    fatlike = (tissue == 0) & ((img[c] - fat_med).abs() < (img[c] - mus_med).abs())
-                    cls = torch.where(fatlike, torch.full_like(tissue, self._fat), tissue)
-                new = img[c] * table[cls]
-                # back to the normalised range, as inference's percentile normalisation would put it
-                body_old, new_s = x_s[x_s > 0], new.reshape(-1)[::step][x_s > 0]
-                if body_old.numel():
-                    top_new = torch.quantile(new_s, 0.995)
-                    if top_new > 0:
-                        new = new * (torch.quantile(body_old, 0.995) / top_new)
-                img[c] = new.clamp(0.0, 1.5)
-            d[key] = img
-        return d
+        table = torch.ones(len(TISSUE_CLASSES) + 1)
+        table[1:] = torch.from_numpy(np.exp(self.R.uniform(-log_m, log_m, len(TISSUE_CLASSES)))).float()
+        x_s = x.reshape(-1)[::step]
+        cls = tissue
+        fat_s, mus_s = x_s[t_s == self._fat], x_s[t_s == self._muscle]
+        if fat_s.numel() and mus_s.numel():
+            fat_med, mus_med = fat_s.median(), mus_s.median()
+            fatlike = (tissue == 0) & ((x - fat_med).abs() < (x - mus_med).abs())
+            cls = torch.where(fatlike, torch.full_like(tissue, self._fat), tissue)
+        new = x * table[cls]
+        # back to the normalised range, as inference's percentile normalisation would put it
+        body_old, new_s = x_s[x_s > 0], new.reshape(-1)[::step][x_s > 0]
+        if body_old.numel():
+            top_new = torch.quantile(new_s, 0.995)
+            if top_new > 0:
+                new = new * (torch.quantile(body_old, 0.995) / top_new)
+        return new.clamp(0.0, 1.5)
 
 
 class RandChannelDropoutd(RandomizableTransform, MapTransform):
