@@ -19,9 +19,9 @@ Shifts, each modelled on how it arises in an MR scanner:
   (Gibbs ringing and blur, as from a low acquisition matrix zero-filled to the stored one).
 * ``tissue``: another scanner's or generator's tissue contrast. Per series, the signal of each
   tissue class (muscle, fat, bone, tendon: the labelled structures, and as fat the unlabelled
-  voxels bright on T1) is multiplied by its own
-  factor, drawn log-uniformly in [1 / ``strength``, ``strength``], the factor map blurred by 1 mm
-  so that partial-volume edges stay partial. All muscles share one factor, so the QF keeps its
+  voxels bright on T1) is multiplied by its own factor, drawn log-uniformly in
+  [1 / ``strength``, ``strength``], the factor map blurred by 1 mm so that partial-volume edges
+  stay partial. All muscles share one factor, so the QF keeps its
   signal relative to the gluteus maximus (edema grades stay true), but the T1 fat fraction,
   calibrated between muscle and subcutaneous fat, no longer matches the truth: fat grades are not
   scored on this shift. Dixon is left as is.
