@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.image import Image, load_nifti, resample_like, save_nifti  # noqa: E402
-from pipeline.labels import LABELS, TISSUE_CLASSES  # noqa: E402
+from pipeline.labels import NUM_CLASSES, TISSUE_CLASSES, tissue_lookup  # noqa: E402
 
 SHIFTS = {"coil": 0.6, "gamma": 0.5, "ghost": 1.5, "ringing": 0.5, "tissue": 1.6}
 IMAGE_COLUMNS = ("t1", "fluid", "dixon_fat", "dixon_water")
@@ -141,17 +141,15 @@ def tissue_map(labels: Image, t1: Image | None) -> Image:
     T1 than halfway between muscle and subcutaneous fat count as fat, so that all fat changes
     alike; without a T1 only the labelled structures change.
     """
-    lab = labels.array
-    out = np.zeros(lab.shape, np.uint8)
-    for k, names in enumerate(TISSUE_CLASSES.values(), start=1):
-        out[np.isin(lab, [LABELS[n] for n in names])] = k
+    lab = np.clip(labels.array.astype(np.int64), 0, NUM_CLASSES - 1)
+    out = tissue_lookup()[lab]
+    fat_k, muscle_k = (list(TISSUE_CLASSES).index(n) + 1 for n in ("fat", "muscle"))
     if t1 is not None:
         t = resample_like(t1, labels, order=1).array
-        muscle = np.isin(lab, [LABELS[n] for n in TISSUE_CLASSES["muscle"]])
-        fat = np.isin(lab, [LABELS[n] for n in TISSUE_CLASSES["fat"]])
+        muscle, fat = out == muscle_k, out == fat_k
         if muscle.any() and fat.any():
             half = 0.5 * (float(np.median(t[muscle])) + float(np.median(t[fat])))
-            out[(lab == 0) & (t > half)] = list(TISSUE_CLASSES).index("fat") + 1
+            out[(lab == 0) & (t > half)] = fat_k
     return Image(out, labels.affine)
 
 

@@ -44,6 +44,17 @@ TISSUE_CLASSES: dict[str, tuple[str, ...]] = {
 }
 
 
+def tissue_lookup():
+    """Label value -> tissue index (1.. in ``TISSUE_CLASSES`` order; 0: no tissue class), as an
+    array to index with a label map (``tissue_lookup()[labels]``)."""
+    import numpy as np
+
+    table = np.zeros(NUM_CLASSES, np.uint8)
+    for k, names in enumerate(TISSUE_CLASSES.values(), start=1):
+        table[[LABELS[n] for n in names]] = k
+    return table
+
+
 def label_names() -> list[str]:
     """Return structure names ordered by label value (index i holds the name of value i)."""
     names = [""] * NUM_CLASSES

@@ -52,8 +52,8 @@ from pathlib import Path
 import numpy as np
 from monai.transforms import MapTransform, RandomizableTransform, Transform
 
-from pipeline.labels import (KEY_STRUCTURES, LABELS, NUM_CLASSES, TISSUE_CLASSES, label_names, read_label_table,
-                             remap_to_project)
+from pipeline.labels import (KEY_STRUCTURES, NUM_CLASSES, TISSUE_CLASSES, label_names, read_label_table,
+                             remap_to_project, tissue_lookup)
 
 #: Structures the "done" criteria are about; the best checkpoint maximises their mean Dice.
 
@@ -250,9 +250,7 @@ class RandTissueContrastd(_PerChannelByLabel):
     def __init__(self, keys=("image",), label_key="label", prob=0.3, max_factor=2.0):
         super().__init__(keys, label_key, prob)
         self.max_factor = float(max_factor)
-        self._tissue_of = np.zeros(NUM_CLASSES, np.int64)      # label value -> tissue (0: none)
-        for k, names in enumerate(TISSUE_CLASSES.values(), start=1):
-            self._tissue_of[[LABELS[n] for n in names]] = k
+        self._tissue_of = tissue_lookup().astype(np.int64)     # label value -> tissue (0: none)
         self._fat = list(TISSUE_CLASSES).index("fat") + 1
         self._muscle = list(TISSUE_CLASSES).index("muscle") + 1
 
