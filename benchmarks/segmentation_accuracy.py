@@ -8,7 +8,10 @@ only; ``dixon``: the subjects with a Dixon pair, segmented on the T1-like image 
 graded from it, as ``infer.py`` runs a Dixon-only scan) it segments the scan and reports:
 
 * Dice per class, overall and per side (voxels assigned to the nearer of the truth hips'
-  centres along world x; ``truth.json`` gives the IT/LT points of each hip present);
+  centres along world x; ``truth.json`` gives the IT/LT points of each hip present), against
+  the true labels on the grid the prediction comes back on: the T1's, or for a scan segmented
+  without its T1 the fluid or Dixon grid's (``labels_fluid`` / ``labels_dixon`` of the cohort;
+  in older cohorts without them, the T1 labels resampled there);
 * left/right confusion: (a) voxels of a paired class predicted on a side where the truth has
   none of that class (> 100 mm^3 counts as confusion), (b) a measured hip whose IFS points lie
   nearer to the other truth hip;
@@ -73,6 +76,26 @@ def side_map(img, centres: dict) -> np.ndarray | None:
     return np.array([SIDES.index(n) for n in names])[idx]
 
 
+def same_grid(a, b) -> bool:
+    """Whether two images share shape and affine."""
+    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-4)
+
+
+def truth_on_grid(row: dict, cohort: Path, truth_lab, pred):
+    """The true label map on the prediction's grid: the cohort's labels sampled on that grid
+    where the generator wrote them (``labels_fluid`` / ``labels_dixon``: a scan segmented
+    without its T1 comes back on the fluid or Dixon grid), else the T1-grid labels taken onto it
+    (nearest), which on another slice plane misplaces the truth by up to half a slice."""
+    if same_grid(pred, truth_lab):
+        return truth_lab
+    for col in ("labels_fluid", "labels_dixon"):
+        if row.get(col):
+            own = load_nifti(cohort / row[col], "labels")
+            if same_grid(pred, own):
+                return own
+    return resample_like(truth_lab, pred, order=0)
+
+
 def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
                      bf16: bool | None = None, mirror: bool | None = None,
                      dixon: bool = False, config=None, shading: bool = True) -> list[dict]:
@@ -116,8 +139,7 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
             pred, conf, seconds = seg.labels, seg.confidence, time.perf_counter() - t0
             resegmented = seg.shading_corrected
             meas_imgs = dixon_pair if mode == "dixon" else imgs
-        tl = truth_lab if (pred.shape == truth_lab.shape and np.allclose(pred.affine, truth_lab.affine)) \
-            else resample_like(truth_lab, pred, order=0)
+        tl = truth_on_grid(row, cohort, truth_lab, pred)
         sides = side_map(pred, centres)
         measured = measure_hips(pred, {**meas_imgs, **dixon_imgs}, config=config)
         voxel_mm3 = float(abs(np.linalg.det(pred.affine[:3, :3])))

@@ -4,7 +4,9 @@
         [--fov-mix bilateral=0.7,left=0.15,right=0.15]
 
 writes ``DIR/<subject>/`` (t1.nii.gz, t2fs.nii.gz or stir.nii.gz, for ~30 % dixon_fat/dixon_water,
-labels.nii.gz + labels.json on the T1 grid, truth.json) and ``DIR/cohort.csv``. Subject i's
+labels.nii.gz + labels.json on the T1 grid, and where the fluid or Dixon series has a grid of its
+own the labels on it too, labels_fluid.nii.gz / labels_dixon.nii.gz; truth.json) and
+``DIR/cohort.csv``. Subject i's
 randomness comes only from ``SeedSequence([seed, i])``, so the output does not depend on
 ``--workers``. Each subject is written to a hidden temporary folder and renamed when complete;
 subjects already complete in DIR are kept (a killed run resumes). cohort.csv lists every complete
@@ -23,6 +25,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
@@ -33,10 +36,11 @@ from data_scripts.phantoms import mr_physics as mrp  # noqa: E402
 from pipeline.image import atomic_write  # noqa: E402
 from pipeline.labels import write_label_table  # noqa: E402
 
-COLUMNS = ("subject", "t1", "fluid", "fluid_kind", "dixon_fat", "dixon_water", "labels", "truth")
+COLUMNS = ("subject", "t1", "fluid", "fluid_kind", "dixon_fat", "dixon_water", "labels", "truth",
+           "labels_fluid", "labels_dixon")
 FRAME = "world RAS+ mm (NIfTI scanner coordinates of the written files)"
 PROTOCOL_OVERRIDES = ("field_t", "fluid_kind", "dixon", "orientation", "oblique", "dtype",
-                      "fluid_same_grid", "snr", "thickness", "gap", "pixel")
+                      "fluid_same_grid", "snr", "thickness", "gap", "pixel", "fluid_plane")
 
 
 def subject_id(index: int) -> str:
@@ -130,7 +134,11 @@ def generate_subject(out_dir, seed: int, index: int, **overrides) -> dict:
         code = proto.orientation
 
         def store(name, arr, geometry, dtype):
-            data, aff = acq.reorient(arr, geometry.affine, code)
+            # a coronal / sagittal series is stored in its acquisition order (slices last), as
+            # DICOM converters write it; the axial ones in the protocol's storage orientation
+            axial = abs(geometry.rotation[2, 2]) > 0.7
+            data, aff = acq.reorient(arr, geometry.affine,
+                                     code if axial else "".join(nib.aff2axcodes(geometry.affine)))
             storage[name] = acq.write_nifti(tmp / f"{name}.nii.gz", data, aff, dtype)
             return data, aff
 
@@ -152,6 +160,12 @@ def generate_subject(out_dir, seed: int, index: int, **overrides) -> dict:
             del water, fat
         lab = acq.sample_labels(anatomy, t1_geo)
         store("labels", lab, t1_geo, "uint8")
+        # the truth on each series' own grid, so that a scan segmented without the T1 is scored
+        # against labels sampled where its voxels are (not the T1's resampled)
+        for series in ("fluid", "dixon"):
+            geo = proto.geometries.get(series)
+            if geo is not None and geo != t1_geo:
+                store(f"labels_{series}", acq.sample_labels(anatomy, geo), geo, "uint8")
         write_label_table(tmp / "labels.json")
 
         truth = build_truth(sub, anatomy, axial_truth, t1_data.shape, t1_aff, proto, ts, storage)
@@ -205,7 +219,8 @@ def row_for(out_dir, sub: str) -> dict:
     fluid_kind = "t2fs" if (d / "t2fs.nii.gz").exists() else ("stir" if (d / "stir.nii.gz").exists() else "")
     return {"subject": sub, "t1": rel("t1.nii.gz"), "fluid": rel(f"{fluid_kind}.nii.gz") if fluid_kind else "",
             "fluid_kind": fluid_kind, "dixon_fat": rel("dixon_fat.nii.gz"),
-            "dixon_water": rel("dixon_water.nii.gz"), "labels": rel("labels.nii.gz"), "truth": rel("truth.json")}
+            "dixon_water": rel("dixon_water.nii.gz"), "labels": rel("labels.nii.gz"), "truth": rel("truth.json"),
+            "labels_fluid": rel("labels_fluid.nii.gz"), "labels_dixon": rel("labels_dixon.nii.gz")}
 
 
 def write_cohort_csv(out_dir) -> Path:
@@ -285,7 +300,8 @@ def main(argv=None) -> int:
                     help="field-of-view probabilities, e.g. bilateral=0.7,left=0.15,right=0.15 (default)")
     ap.add_argument("--protocol", action="append", default=[], metavar="KEY=VALUE",
                     help="fix a protocol setting for every subject, repeatable, e.g. --protocol thickness=7 "
-                         "--protocol snr=6 (stress cohorts beyond the default ranges); keys: "
+                         "--protocol snr=6 (stress cohorts beyond the default ranges), --protocol fluid_plane=coronal "
+                         "(a coronal fluid series); keys: "
                          + ", ".join(PROTOCOL_OVERRIDES))
     a = ap.parse_args(argv)
     if a.n < 0 or a.start < 0 or a.workers < 1:

@@ -194,7 +194,9 @@ def shift_subject(row: dict, src: Path, dst: Path, shift: str, strength: float, 
         else:
             raise ValueError(f"unknown shift {shift!r}; one of {', '.join(SHIFTS)}")
         save_nifti(img.with_array(np.asarray(out, np.float32)), dst / row[col])
-    for col in ("labels", "truth"):
+    for col in ("labels", "truth", "labels_fluid", "labels_dixon"):
+        if not row.get(col):
+            continue
         (dst / row[col]).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / row[col], dst / row[col])
 

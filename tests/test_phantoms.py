@@ -275,3 +275,38 @@ def test_protocol_overrides_from_the_command_line():
     for bad in (["thickness"], ["slice=3"]):
         with pytest.raises(ValueError):
             parse_protocol(bad)
+
+
+@pytest.mark.parametrize("plane, normal_axis", [("coronal", 1), ("sagittal", 0)])
+def test_fluid_series_in_another_plane(tmp_path, toy, plane, normal_axis):
+    """A coronal / sagittal fluid series: slices stacked along world A-P / L-R, stored in
+    acquisition order, the truth labels written on its own grid, and nothing else changed."""
+    axial = mk.generate_subject(tmp_path / "axial", 5, 2, anatomy=toy, orientation="LPS", **TOY)
+    row = mk.generate_subject(tmp_path / plane, 5, 2, anatomy=toy, orientation="LPS", fluid_plane=plane,
+                              **TOY)
+    a, b = _arrays(tmp_path / "axial" / axial["subject"]), _arrays(tmp_path / plane / row["subject"])
+    for name in ("t1.nii.gz", "labels.nii.gz"):     # the T1 and its truth are those of the axial run
+        assert np.array_equal(a[name][0], b[name][0]) and np.allclose(a[name][1], b[name][1])
+    fl = nib.load(str(tmp_path / plane / row["fluid"]))
+    lin = fl.affine[:3, :3] / np.linalg.norm(fl.affine[:3, :3], axis=0)
+    slice_axis = int(np.argmax(np.linalg.norm(fl.affine[:3, :3], axis=0)))
+    assert slice_axis == 2                                  # acquisition order: slices last
+    assert abs(lin[normal_axis, 2]) > np.cos(np.deg2rad(6))  # the slice normal, within the tilt
+    truth = json.loads((tmp_path / plane / row["truth"]).read_text())
+    assert truth["acquisition"]["fluid_same_grid_as_t1"] is False
+    # the fluid grid's own truth: same grid, and the same anatomy as the T1 labels where both look
+    lab_f = load_nifti(tmp_path / plane / row["labels_fluid"], "labels")
+    assert lab_f.shape == fl.shape and np.allclose(lab_f.affine, fl.affine)
+    from pipeline.image import resample_like
+
+    lab_t1 = load_nifti(tmp_path / plane / row["labels"], "labels")
+    on_f = resample_like(lab_t1, lab_f, order=0).array
+    body = (on_f > 0) & (lab_f.array > 0)
+    assert body.sum() > 1000 and (on_f[body] == lab_f.array[body]).mean() > 0.6
+    # left stays left: the left lesser trochanter lies at world x < 0 on the fluid grid too
+    ijk = np.argwhere(lab_f.array == LABELS["lesser_trochanter"])
+    xyz = ijk @ lab_f.affine[:3, :3].T + lab_f.affine[:3, 3]
+    assert xyz[:, 0].min() < -20 and xyz[:, 0].max() > 20     # both hips, on both sides of the midline
+    lt_l = np.asarray(truth["hips"]["left"]["ifs_3d_points"][1])
+    near = xyz[np.argmin(np.linalg.norm(xyz - lt_l, axis=1))]
+    assert near[0] < 0 and np.linalg.norm(near - lt_l) < 10

@@ -40,3 +40,34 @@ def test_stage_timings_from_measurements(bench, tmp_path):
 def test_training_seeds_refused(bench):
     with pytest.raises(SystemExit):
         bench.main(["--seed", "123", "--skip-speed"])
+
+
+def test_accuracy_scores_against_the_truth_on_the_predictions_grid(tmp_path):
+    """A scan segmented without its T1 comes back on the fluid grid: it is scored against the
+    labels the generator sampled there, not the T1's resampled (which for slices placed elsewhere
+    misplace the truth by up to half a slice)."""
+    import numpy as np
+
+    from pipeline.image import Image, save_nifti
+
+    spec = importlib.util.spec_from_file_location("segmentation_accuracy",
+                                                  ROOT / "benchmarks" / "segmentation_accuracy.py")
+    acc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(acc)
+    t1_grid = np.diag([1.0, 1.0, 4.0, 1.0])
+    fluid_grid = np.diag([1.0, 1.0, 4.0, 1.0])
+    fluid_grid[2, 3] = 2.0                               # slices half a slice higher
+    z = np.arange(6)[None, None, :]
+    truth_t1 = Image(np.broadcast_to((z % 2).astype(np.uint8), (4, 4, 6)).copy(), t1_grid)
+    truth_fluid = Image(np.full((4, 4, 6), 7, np.uint8), fluid_grid)
+    save_nifti(truth_fluid, tmp_path / "labels_fluid.nii.gz")
+    row = {"labels_fluid": "labels_fluid.nii.gz", "labels_dixon": ""}
+    pred_fluid = Image(np.zeros((4, 4, 6), np.uint8), fluid_grid)
+    assert (acc.truth_on_grid(row, tmp_path, truth_t1, pred_fluid).array == 7).all()
+    assert acc.truth_on_grid(row, tmp_path, truth_t1, truth_t1) is truth_t1
+    # another grid, or an older cohort without the column: the T1 labels, nearest
+    other_grid = np.diag([1.0, 1.0, 4.0, 1.0])
+    other_grid[2, 3] = 4.0                               # exactly one T1 slice higher
+    other = Image(np.zeros((4, 4, 6), np.uint8), other_grid)
+    got = acc.truth_on_grid({}, tmp_path, truth_t1, other).array
+    assert np.array_equal(got[..., :5], truth_t1.array[..., 1:])

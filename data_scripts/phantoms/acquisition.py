@@ -369,6 +369,54 @@ def dixon_geometry(rng: np.random.Generator, lm: dict, t1: Geometry) -> Geometry
                           inplane=t1.shape[0] * t1.pixel[0] < 300, sides=list(lm["sides"]))
 
 
+#: slice planes a non-axial series can be acquired in, as base tilt angles (``rotation_xyz``):
+#: coronal: array axes ~ R, S, slice normal ~ P; sagittal: ~ A, S, slice normal ~ R
+PLANES = {"coronal": (90.0, 0.0, 0.0), "sagittal": (90.0, 0.0, 90.0)}
+
+
+def plane_geometry(rng: np.random.Generator, lm: dict, fov_kind: str, plane: str, t1: Geometry,
+                   pixel_range=(0.6, 1.0), max_slices: int = MAX_SLICES) -> Geometry:
+    """A coronal or sagittal acquisition grid (e.g. the coronal STIR of a hip protocol).
+
+    Slices of 3-5 mm (gap 0 or 10-30 %), a few degrees of tilt, in-plane pixel 0.6-1.0 mm
+    (``pixel_range``). The slab covers the measured structures (IT, LT and the QF between them) of the hips in the field
+    of view with 25-40 mm to spare; in-plane it spans the T1's left-right field of view (coronal)
+    and the anatomy's full superior-inferior extent, within the simulated anatomy grid (beyond
+    it there is no anatomy to image).
+    """
+    if plane not in PLANES:
+        raise ValueError(f"plane must be one of {sorted(PLANES)} (or axial)")
+    sides = lm["sides"]
+    use = [sides[fov_kind]] if fov_kind in sides else list(sides.values())
+    pts = np.array([p for s in use for p in (s["lt_centre"], s["it_centre"])], float)
+    box = np.asarray(lm["grid_box"], float)
+    thickness = float(np.round(rng.uniform(3.0, 5.0) * 2) / 2)
+    gap = 0.0 if rng.uniform() < 0.5 else float(rng.uniform(0.1, 0.3))
+    pix = float(rng.uniform(*pixel_range))
+    tilt = _angles(rng, max_deg=5.0)
+    angles = tuple(float(b + t) for b, t in zip(PLANES[plane], tilt))
+    normal = 1 if plane == "coronal" else 0          # world axis the slices are stacked along
+    inplane = [a for a in (0, 1) if a != normal] + [2]
+    margin = rng.uniform(25.0, 40.0, 2)
+    lo = max(pts[:, normal].min() - margin[0], box[normal, 0] + 2.0)
+    hi = min(pts[:, normal].max() + margin[1], box[normal, 1] - 2.0)
+    spacing = thickness * (1.0 + gap)
+    n_slices = min(max_slices, int(np.ceil((hi - lo) / spacing)) + 1)
+    centre = np.zeros(3)
+    centre[normal] = 0.5 * (lo + hi)
+    shape = [0, 0, n_slices]
+    for k, a in enumerate(inplane):
+        if a == 0:     # left-right: the T1's field of view, within the anatomy grid
+            half_t1 = 0.5 * t1.shape[0] * t1.pixel[0]
+            a_lo = max(t1.centre[0] - half_t1, box[0, 0] + 2.0)
+            a_hi = min(t1.centre[0] + half_t1, box[0, 1] - 2.0)
+        else:          # the anatomy's extent (6 mm inside, for the tilt)
+            a_lo, a_hi = box[a, 0] + 6.0, box[a, 1] - 6.0
+        shape[k] = int(min(MAX_INPLANE, np.floor((a_hi - a_lo) / pix)))
+        centre[a] = 0.5 * (a_lo + a_hi)
+    return Geometry(tuple(shape), (pix, pix), thickness, gap, tuple(centre.tolist()), angles)
+
+
 def _orientation_code(rng: np.random.Generator, choice: str) -> str:
     """Resolve an orientation choice to a 3-letter nibabel axis code (slice axis ~ S/I)."""
     if choice == "slice_first":
@@ -389,8 +437,10 @@ def draw_protocol(rng: np.random.Generator, lm: dict, fov_kind: str, **overrides
     ``dixon`` (bool), ``orientation`` ("RAS", "LPS", "slice_first", "random" or a 3-letter code),
     ``oblique`` (False -> no tilt; a number -> tilt of that many degrees about the left-right axis),
     ``dtype`` ("float32" / "int16_scaled" / "int16"), ``fluid_same_grid`` (bool), ``snr`` (float,
-    for every series), ``thickness`` and ``gap`` (T1), ``pixel`` (in-plane mm of T1 and fluid). All random numbers are drawn first in a
-    fixed order, so an override changes nothing else about the subject.
+    for every series), ``thickness`` and ``gap`` (T1), ``pixel`` (in-plane mm of T1 and fluid),
+    ``fluid_plane`` ("axial", the default, or "coronal" / "sagittal": ``plane_geometry``). All
+    random numbers are drawn first in a fixed order, so an override changes nothing else about the
+    subject.
     """
     field_t = 1.5 if rng.uniform() < 0.5 else 3.0
     fluid_kind = "t2fs" if rng.uniform() < 0.6 else "stir"
@@ -440,6 +490,11 @@ def draw_protocol(rng: np.random.Generator, lm: dict, fov_kind: str, **overrides
     dix = dixon_geometry(geo_rng, lm, t1)
     if dixon:
         geos["dixon"] = dix
+    plane = overrides.get("fluid_plane", "axial")
+    if plane != "axial":    # drawn last, from its own stream: the other series stay as they were
+        geos["fluid"] = plane_geometry(np.random.default_rng(geo_rng.integers(2**32)), lm, fov_kind,
+                                       plane, t1, (0.6, 1.0) if pix is None else pix_range)
+        same = False
     return Protocol(field_t, fov_kind, fluid_kind, seqs, geos, snr, orientation, dtype, gains, same)
 
 
