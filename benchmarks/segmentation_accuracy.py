@@ -98,7 +98,8 @@ def truth_on_grid(row: dict, cohort: Path, truth_lab, pred):
 
 def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
                      bf16: bool | None = None, mirror: bool | None = None,
-                     dixon: bool = False, config=None, shading: bool = True) -> list[dict]:
+                     dixon: bool = False, config=None, shading: bool = True,
+                     partial_coverage: bool = True) -> list[dict]:
     """All metrics of one subject; one dict per (mode, side) plus one per mode with side 'all'.
     With ``dixon`` the subject's Dixon images (if any) go to the measurement, not the network,
     as ``infer.py --dixon-fat/--dixon-water`` does: the fat grade then comes from Dixon."""
@@ -132,12 +133,13 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
             continue
         t0 = time.perf_counter()
         if imgs is None:
-            pred, conf, seconds, resegmented = truth_lab, {}, 0.0, False
+            pred, conf, seconds, resegmented, partial = truth_lab, {}, 0.0, False, ""
             meas_imgs = {k: v for k, v in all_imgs.items() if v is not None}
         else:
-            seg = segment(imgs, model, bf16=bf16, mirror=mirror, shading=shading)
+            seg = segment(imgs, model, bf16=bf16, mirror=mirror, shading=shading,
+                          partial_coverage=partial_coverage)
             pred, conf, seconds = seg.labels, seg.confidence, time.perf_counter() - t0
-            resegmented = seg.shading_corrected
+            resegmented, partial = seg.shading_corrected, "+".join(seg.partial_channels)
             meas_imgs = dixon_pair if mode == "dixon" else imgs
         tl = truth_on_grid(row, cohort, truth_lab, pred)
         sides = side_map(pred, centres)
@@ -145,6 +147,7 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
         voxel_mm3 = float(abs(np.linalg.det(pred.affine[:3, :3])))
         for side in ("all", *SIDES):
             rec = {"subject": row["subject"], "mode": mode, "side": side, "seconds": round(seconds, 2),
+                   "partial_coverage_pass": partial,
                    "resegmented": resegmented}
             if side != "all" and side not in centres:
                 continue
@@ -242,6 +245,10 @@ def summarise(rows: list[dict]) -> str:
         n_re = sum(bool(r.get("resegmented")) for r in rs)
         if n_re:
             lines.append(f"  segmented again after correcting strong shading: {n_re} of {len(rs)} scans")
+        n_pc = sum(bool(r.get("partial_coverage_pass")) for r in rs)
+        if n_pc:
+            lines.append(f"  second series covering only part of the body (labels there from a pass "
+                         f"without it): {n_pc} of {len(rs)} scans")
         secs = [r["seconds"] for r in rs if r["seconds"]]
         if secs:
             lines.append(f"  seconds per scan: median {np.median(secs):.1f}")
@@ -264,6 +271,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mirror-tta", choices=["model", "on", "off"], default="model",
                     help="left-right mirror test-time augmentation, twice the network time "
                          "(default: the model metadata's choice)")
+    ap.add_argument("--partial-coverage", choices=["on", "off"], default="on",
+                    help="where the second series covers only part of the body, take the labels "
+                         "there from a pass without it (segment(partial_coverage=...))")
     ap.add_argument("--resegment-shading", choices=["on", "off"], default="on",
                     help="segment again after dividing out strong intensity shading (segment(shading=...))")
     ap.add_argument("--measure-config", default=None,
@@ -284,7 +294,7 @@ def main(argv=None) -> int:
         bf16 = None if a.bf16 == "model" else a.bf16 == "on"
         mirror = None if a.mirror_tta == "model" else a.mirror_tta == "on"
         rows.extend(evaluate_subject(row, cohort, model, modes, a.truth_labels, bf16, mirror, a.dixon,
-                                     config, a.resegment_shading == "on"))
+                                     config, a.resegment_shading == "on", a.partial_coverage == "on"))
         print(f"[{i + 1}/{len(subjects)}] {row['subject']}", file=sys.stderr)
     print(summarise(rows))
     if a.out:

@@ -15,7 +15,12 @@ Working grid
 
 Every channel is resampled (trilinear, in world coordinates) onto the working grid, so the
 second sequence may have any orientation, resolution or field of view. A missing channel is
-zeros and flagged absent (the network was trained with channel dropout for that case).
+zeros and flagged absent (the network was trained with channel dropout for that case). A second
+series that covers only part of the reference's body (a coronal STIR slab behind an axial T1, a
+smaller field of view) is zero outside its coverage, which the network never saw in training:
+``GridInputs.coverage`` gives, for such a channel, a weight on the working grid (1 more than
+``COVERAGE_RAMP_MM`` inside the series' field of view, falling to 0 at its edge), and
+``pipeline.segment`` takes the labels outside it from the other channel(s) alone.
 
 Back to the reference grid
     Because the working grid shares the reoriented reference's field of view, the map back is a
@@ -42,6 +47,13 @@ DEFAULT_SPACING = (1.0, 1.0, 4.0)
 #: The normalisation recipe; copied into model metadata so training and inference agree.
 NORMALISATION = {"method": "percentile", "lower_pct": 1.0, "upper_pct": 99.5,
                  "body_fraction": 0.05, "clip": [0.0, 1.5]}
+
+#: A channel is "partial" when more than this share of the reference's body lies outside it; the
+#: network's output then ramps from both channels to the others alone over this many mm inside
+#: the channel's edge (the network's view of a voxel spans centimetres, so a zero edge nearby
+#: still disturbs it).
+PARTIAL_COVERAGE_SHARE = 0.03
+COVERAGE_RAMP_MM = 10.0
 
 #: Image dict keys that feed the "fluid" channel (the fluid-sensitive fat-suppressed series).
 FLUID_KEYS = ("fluid", "t2fs", "stir")
@@ -105,6 +117,9 @@ class GridInputs:
     channels: list[str]            # channel names in order
     present: dict[str, bool]       # which channels came from a real image
     warnings: list[str] = field(default_factory=list)
+    # channel -> (*grid.shape) float32 weight 0..1 where that series covers only part of the
+    # reference's body (``coverage_weight``); absent when it covers it all
+    coverage: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def make_working_grid(ref: Image, spacing=DEFAULT_SPACING, reference: str = "t1") -> WorkingGrid:
@@ -157,6 +172,22 @@ def resample_linear(img: Image, shape, affine) -> np.ndarray:
     out = F.grid_sample(torch.from_numpy(np.ascontiguousarray(src))[None, None], grid, mode="bilinear",
                         padding_mode="zeros", align_corners=True)
     return out[0, 0].numpy()
+
+
+def coverage_weight(img: Image, grid: WorkingGrid, body: np.ndarray,
+                    ramp_mm: float = COVERAGE_RAMP_MM,
+                    min_share: float = PARTIAL_COVERAGE_SHARE) -> np.ndarray | None:
+    """Where ``img`` has data on the working grid, as a weight: 0 outside its field of view,
+    rising linearly to 1 at ``ramp_mm`` (world mm) inside its edge. None when it covers all but
+    ``min_share`` of the ``body`` voxels (the reference's body on the working grid)."""
+    from scipy import ndimage
+
+    inside = resample_linear(img.with_array(np.ones(img.shape, np.float32)), grid.shape,
+                             grid.affine) >= 0.5
+    if not body.any() or (body & ~inside).sum() <= min_share * body.sum():
+        return None
+    depth = ndimage.distance_transform_edt(inside, sampling=grid.spacing)   # the grid's own edge is no edge
+    return np.clip(depth / ramp_mm, 0.0, 1.0).astype(np.float32)
 
 
 def normalise(array: np.ndarray, recipe: dict = NORMALISATION) -> np.ndarray:
@@ -221,12 +252,20 @@ def prepare_inputs(images: dict, channels=("t1", "fluid"), spacing=DEFAULT_SPACI
         if img is None:
             warnings.append(f"{c} missing: network runs on the other channel(s) only")
             continue
-        res = img.with_array(resample_linear(img, grid.shape, grid.affine))
-        inside = res.array != 0
-        if img is not ref and inside.mean() < 0.5 * (np.asarray(ref.array) != 0).mean():
-            warnings.append(f"{c} covers only part of the reference field of view")
-        arr[ci] = normalise(res.array, recipe)
-    return GridInputs(arr, grid, list(channels), present, warnings)
+        arr[ci] = normalise(resample_linear(img, grid.shape, grid.affine), recipe)
+    coverage = {}
+    body = arr[list(channels).index(reference)] > 0.1 if reference in channels else None
+    for c in channels:
+        img = chan_imgs[c]
+        if img is None or img is ref or body is None:
+            continue
+        w = coverage_weight(img, grid, body)
+        if w is not None:
+            coverage[c] = w
+            share = float((body & (w == 0)).sum() / max(body.sum(), 1))
+            warnings.append(f"{c} covers only part of the {reference} image's body ({100 * share:.0f} % "
+                            "of it lies outside)")
+    return GridInputs(arr, grid, list(channels), present, warnings, coverage)
 
 
 def labels_to_grid(labels: Image, grid: WorkingGrid) -> np.ndarray:

@@ -105,6 +105,9 @@ class Segmentation:
     working_affine: np.ndarray | None = None  # affine of ``probabilities``
     reference: str = "t1"
     shading_corrected: bool = False     # labels from images corrected for strong shading
+    # channels covering only part of the body, beyond which the labels come from a pass without
+    # them (``reference_probabilities``)
+    partial_channels: list[str] = field(default_factory=list)
 
 
 def _default_threads() -> None:
@@ -302,13 +305,16 @@ def class_offsets(meta: dict, present: dict[str, bool]) -> np.ndarray | None:
 
 def reference_probabilities(images: dict[str, Image], model: SegModel, reference: str | None = None,
                             bf16: bool | None = None, mirror: bool | None = None,
-                            offsets: bool = True, timings: dict | None = None):
+                            offsets: bool = True, timings: dict | None = None,
+                            partial_coverage: bool = True):
     """The network's class probabilities for a scan, before post-processing.
 
     Returns ``(inputs, probs_w, probs_t)``: the ``GridInputs`` (working grid, channels present,
     warnings), the softmax on the working grid (K, *working shape) and on the reference image's
     original grid (K, *reference shape), both torch float32. The model's class offsets for the
     input combination are added to the logits first unless ``offsets`` is False.
+    ``partial_coverage``: where a series covers only part of the body (``GridInputs.coverage``),
+    blend in the network's output without that channel (a second pass); False skips it.
     """
     import torch
 
@@ -324,14 +330,28 @@ def reference_probabilities(images: dict[str, Image], model: SegModel, reference
     t0 = time.perf_counter()
     if mirror is None:
         mirror = bool(meta.get("inference", {}).get("mirror", False))
-    logits = predict_logits(model.net, inputs.array, meta, model.device, bf16, mirror)
+
+    def probabilities(array, present):
+        logits = predict_logits(model.net, array, meta, model.device, bf16, mirror)
+        shift = class_offsets(meta, present) if offsets else None
+        if shift is not None:
+            logits = logits + torch.from_numpy(shift)[:, None, None, None]   # may be an inference tensor
+        return torch.softmax(logits, dim=0)
+
+    probs_w = probabilities(inputs.array, inputs.present)
+    # a series covering part of the body is zero beyond it, which the network never saw: there,
+    # and ramping in from its edge, use the network's output without that channel
+    for c, weight in (inputs.coverage.items() if partial_coverage else ()):
+        inputs.warnings.append(f"where the {c} series does not reach, the labels come from the "
+                               "network without it")
+        without = inputs.array.copy()
+        without[inputs.channels.index(c)] = 0.0
+        alone = probabilities(without, {**inputs.present, c: False})
+        w = torch.from_numpy(weight)[None]
+        probs_w = w * probs_w + (1.0 - w) * alone
     timings["network"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    shift = class_offsets(meta, inputs.present) if offsets else None
-    if shift is not None:
-        logits = logits + torch.from_numpy(shift)[:, None, None, None]   # logits may be an inference tensor
-    probs_w = torch.softmax(logits, dim=0)
     probs_t = inputs.grid.to_reference(probs_w, as_tensor=True)    # (K, *ref_shape)
     timings["postprocess"] = time.perf_counter() - t0
     return inputs, probs_w, probs_t
@@ -384,7 +404,8 @@ def _unshaded(img: Image, shading) -> Image:
 
 def segment(images: dict[str, Image], model: SegModel, reference: str | None = None,
             return_probabilities: bool = False, bf16: bool | None = None,
-            mirror: bool | None = None, shading: bool = True) -> Segmentation:
+            mirror: bool | None = None, shading: bool = True,
+            partial_coverage: bool = True) -> Segmentation:
     """Segment the hip structures; see the module docstring.
 
     Args:
@@ -400,9 +421,12 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
             (and T1 fat) outlines (``scan_shading``); when the strongest exceeds
             ``RESEGMENT_SHADING_RATIO`` (surface coils without intensity normalisation, which the
             network was not trained for), divide it out and segment again, with a warning.
+        partial_coverage: where the second series covers only part of the reference's body
+            (a coronal slab, a smaller field of view), take the labels there from a pass without
+            it (``reference_probabilities``), with a warning; False: one pass, as it is.
     """
     seg, probs_w, working_affine = _segment_once(images, model, reference, return_probabilities,
-                                                 bf16, mirror)
+                                                 bf16, mirror, partial_coverage)
     if not shading:
         return seg
     t0 = time.perf_counter()
@@ -419,7 +443,8 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
         corrected = {k: (_unshaded(v, fits[k]) if k in fits else v) for k, v in corrected.items()}
         spent += time.perf_counter() - t0
         seg, probs_w, working_affine = _segment_once(corrected, model, reference,
-                                                     return_probabilities, bf16, mirror)
+                                                     return_probabilities, bf16, mirror,
+                                                     partial_coverage)
         passes += sum(seg.timings.values())
         t0 = time.perf_counter()
         left = scan_shading(corrected, probs_w, working_affine)
@@ -447,14 +472,16 @@ def _key_confidence(seg: Segmentation) -> float:
 
 
 def _segment_once(images: dict[str, Image], model: SegModel, reference: str | None,
-                  return_probabilities: bool, bf16: bool | None, mirror: bool | None):
+                  return_probabilities: bool, bf16: bool | None, mirror: bool | None,
+                  partial_coverage: bool = True):
     """One pass of ``segment``: network, post-processing, confidence. Returns the
     ``Segmentation``, the softmax on the working grid (torch) and the working grid's affine."""
     import torch
 
     timings: dict[str, float] = {}
     inputs, probs_w, probs_t = reference_probabilities(images, model, reference, bf16, mirror,
-                                                       timings=timings)
+                                                       timings=timings,
+                                                       partial_coverage=partial_coverage)
     warnings = list(inputs.warnings)
     t0 = time.perf_counter()
     grid = inputs.grid
@@ -502,5 +529,6 @@ def _segment_once(images: dict[str, Image], model: SegModel, reference: str | No
                     {"reference": ref_name, "model": model.path, "model_version": model.meta.get("version")})
     return Segmentation(lab_img, confidence, warnings, timings,
                         probs_w.numpy() if return_probabilities else None,
-                        grid.affine.copy() if return_probabilities else None, ref_name), \
+                        grid.affine.copy() if return_probabilities else None, ref_name,
+                        partial_channels=sorted(inputs.coverage) if partial_coverage else []), \
         probs_w, grid.affine.copy()

@@ -378,3 +378,69 @@ def test_strong_shading_is_divided_out_and_the_scan_segmented_again(monkeypatch,
     muscle = tissue == LABELS["other_muscle"]
     cv = [a[muscle].std() / a[muscle].mean() for a in seen]
     assert cv[0] > 0.2 and cv[1] < 0.06            # the second pass sees flat muscle
+
+
+def _coronal_slab(t1: Image, y_from: float) -> Image:
+    """A 'coronal' series stored L-S-P (slices along world y, last) covering the T1's x and z
+    but only world y >= ``y_from``."""
+    aff = np.array([[-1.0, 0, 0, 40.0], [0, 0, -3.0, 60.0], [0, 1.0, 0, -25.0], [0, 0, 0, 1]])
+    n_slices = int((60.0 - y_from) / 3.0) + 1
+    return Image(np.random.default_rng(7).uniform(40, 60, (81, 60, n_slices)).astype(np.float32), aff,
+                 "stir")
+
+
+def test_coverage_weight_ramps_in_from_the_series_edge():
+    from pipeline.grid import COVERAGE_RAMP_MM, coverage_weight, make_working_grid
+
+    t1 = Image(np.ones((80, 80, 10), np.float32), np.diag([1.0, 1.0, 4.0, 1.0]) @ _translate(-40, -40, -5), "t1")
+    grid = make_working_grid(t1)
+    body = np.ones(grid.shape, bool)
+    w = coverage_weight(_coronal_slab(t1, 0.0), grid, body)
+    y = grid.affine[1, 1] * np.arange(grid.shape[1]) + grid.affine[1, 3]    # RAS working grid
+    prof = w[40, :, 5]
+    assert (prof[y < -2.0] == 0).all() and (prof[y > COVERAGE_RAMP_MM + 1.0] == 1).all()
+    mid = (y > 2.0) & (y < COVERAGE_RAMP_MM - 2.0)
+    assert ((prof[mid] > 0) & (prof[mid] < 1)).all() and np.all(np.diff(prof[mid]) > 0)
+    # a series covering the whole body needs no weight
+    assert coverage_weight(_coronal_slab(t1, -45.0), grid, body) is None
+
+
+def _translate(x, y, z):
+    m = np.eye(4)
+    m[:3, 3] = [x, y, z]
+    return m
+
+
+def test_labels_beyond_a_partial_series_come_from_the_pass_without_it(monkeypatch, small_model):
+    """A coronal STIR slab behind an axial T1: where it does not reach, the labels are those of
+    the network without the fluid channel (here: 'pelvis'), deep inside it those with it ('femur');
+    partial_coverage=False keeps the single pass; full coverage needs no second pass."""
+    import pipeline.segment as seg_mod
+
+    k = len(LABELS)
+    calls = []
+
+    def fake_logits(net, array, meta, device, bf16=None, mirror=False):
+        calls.append(bool(array[1].any()))
+        out = torch.full((k, *array.shape[1:]), -10.0)
+        out[LABELS["femur"] if array[1].any() else LABELS["pelvis"]] = 10.0
+        return out
+
+    monkeypatch.setattr(seg_mod, "predict_logits", fake_logits)
+    t1 = Image(np.random.default_rng(8).uniform(100, 120, (80, 80, 10)).astype(np.float32),
+               np.diag([-1.0, -1.0, 4.0, 1.0]) @ _translate(-40, -40, -5), "t1")   # stored LPS
+    seg = seg_mod.segment({"t1": t1, "stir": _coronal_slab(t1, 0.0)}, small_model, shading=False)
+    assert calls == [True, False] and seg.partial_channels == ["fluid"]
+    assert any("fluid covers only part" in w for w in seg.warnings)
+    ijk = np.indices(t1.shape).reshape(3, -1).T
+    y = (ijk @ t1.affine[:3, :3].T + t1.affine[:3, 3])[:, 1].reshape(t1.shape)
+    lab = seg.labels.array
+    assert (lab[y < -1.0] == LABELS["pelvis"]).all()
+    assert (lab[y > 12.0] == LABELS["femur"]).all()
+    calls.clear()
+    one = seg_mod.segment({"t1": t1, "stir": _coronal_slab(t1, 0.0)}, small_model, shading=False,
+                          partial_coverage=False)
+    assert calls == [True] and one.partial_channels == [] and (one.labels.array == LABELS["femur"]).all()
+    calls.clear()
+    seg_mod.segment({"t1": t1, "stir": _coronal_slab(t1, -45.0)}, small_model, shading=False)
+    assert calls == [True]
