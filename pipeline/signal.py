@@ -4,7 +4,9 @@ Each intensity image stays on its own grid: a voxel of the image belongs to a st
 centre, mapped through both affines into the label grid, falls in the structure's mask (nearest
 lookup, no interpolation of intensities). Masks are first eroded by one in-plane voxel so that
 partial volume with the surrounding fat or fluid does not enter the statistics ("in-plane": within
-the acquired slices, whatever their orientation).
+the acquired slices, whatever their orientation); for the fluid image, by at least half its
+voxel's extent along those directions (``image_depth_mm``), so the 3-5 mm slices of a coronal
+STIR behind axial labels do not straddle the QF's outline.
 
 * Edema (fluid-sensitive fat-suppressed image, T2 fat-sat or STIR): the upper reference limit
   (URL) is a high percentile of the reference muscle's (gluteus maximus) voxels; the share of QF
@@ -92,12 +94,21 @@ def local_tissue(labels: np.ndarray, label_affine: np.ndarray, centre: np.ndarra
     return Mask(lo, sub) if sub.any() else None
 
 
-def image_depth_mm(img: Image) -> float:
+def image_depth_mm(img: Image, label_affine: np.ndarray | None = None) -> float:
     """Depth inside a structure at which an image voxel centred there lies fully inside it
-    (in-plane): half the image's largest in-plane voxel size."""
-    sp = img.spacing
-    ax = img.acquisition_slice_axis()
-    return 0.5 * float(max(sp[i] for i in range(3) if i != ax))
+    (in-plane): half the image's largest in-plane voxel size. With ``label_affine``: half the
+    image voxel's extent along the label grid's in-plane axes (the directions its masks are
+    eroded in), so that the thick slices of a coronal or sagittal series behind axial labels
+    count with their thickness."""
+    if label_affine is None:
+        sp = img.spacing
+        ax = img.acquisition_slice_axis()
+        return 0.5 * float(max(sp[i] for i in range(3) if i != ax))
+    lab = np.asarray(label_affine, float)[:3, :3]
+    dirs = lab / np.linalg.norm(lab, axis=0)
+    edges = np.asarray(img.affine, float)[:3, :3]          # the image voxel's edge vectors
+    ax = acquisition_slice_axis(np.asarray(label_affine, float))
+    return 0.5 * float(max(np.abs(edges.T @ dirs[:, i]).sum() for i in range(3) if i != ax))
 
 
 def noise_sigma(img: Image, mask: Mask, label_affine: np.ndarray) -> float | None:
@@ -289,9 +300,11 @@ def edema(fluid: Image, qf: Mask, reference: Mask, label_affine: np.ndarray,
     """Edema statistics and grade of the QF on a fluid-sensitive fat-suppressed image; with
     ``shading`` (``fit_shading`` on this image) the QF and reference signals are corrected for
     it first (the contralateral ratio is not: the field is fitted around this QF only)."""
-    q = _corrected(fluid, erode_inplane(qf, label_affine, cfg.min_signal_voxels), label_affine,
-                   shading)
-    r = _corrected(fluid, erode_inplane(reference, label_affine, cfg.min_signal_voxels),
+    # image voxels straddling the outline would mix in the fat planes or fluid around the muscle
+    depth = image_depth_mm(fluid, label_affine)
+    q = _corrected(fluid, erode_inplane(qf, label_affine, cfg.min_signal_voxels, depth),
+                   label_affine, shading)
+    r = _corrected(fluid, erode_inplane(reference, label_affine, cfg.min_signal_voxels, depth),
                    label_affine, shading)
     out = {"grade": None, "signal_ratio": None, "fraction_above_reference": None,
            "reference_upper_limit": None, "qf_median": None, "qf_p90": None,
@@ -314,7 +327,7 @@ def edema(fluid: Image, qf: Mask, reference: Mask, label_affine: np.ndarray,
                reference_median=ref_med)
     if contralateral_qf is not None and contralateral_qf.count:
         c = sample_in_mask(fluid, erode_inplane(contralateral_qf, label_affine,
-                                                cfg.min_signal_voxels), label_affine)
+                                                cfg.min_signal_voxels, depth), label_affine)
         if c.size >= cfg.min_signal_voxels and np.median(c) > 0:
             out["contralateral_ratio"] = float(np.median(q) / np.median(c))
     out["grade"] = edema_grade(frac, ratio, cfg)

@@ -216,3 +216,19 @@ def test_surface_coil_shading_does_not_read_as_less_fat_or_edema():
     assert on["qf_edema"]["signal_ratio"] == pytest.approx(1.0, abs=0.06)
     assert on["signal_shading"]["t1"] > 1.5 and off["signal_shading"] == {"t1": None, "fluid": None}
     assert any("strong intensity shading on the t1 image" in w for w in on["warnings"])
+
+
+def test_image_depth_counts_the_thick_slices_of_a_coronal_series_behind_axial_labels():
+    """The erosion that keeps fluid voxels clear of the QF outline: half an axial pixel for an
+    axial series, half the slice thickness for a coronal one (slices along A-P lie in the axial
+    label grid's plane), whatever the storage order."""
+    from pipeline.image import Image
+    from pipeline.signal import image_depth_mm
+
+    labels = np.diag([0.8, -0.8, 4.0, 1.0])                     # axial, stored R-P-S
+    axial = Image(np.zeros((4, 4, 4), np.float32), np.diag([-0.6, 0.6, 5.0, 1.0]))
+    coronal = Image(np.zeros((4, 4, 4), np.float32),
+                    np.array([[0.7, 0, 0, 0], [0, 0, -4.0, 0], [0, 0.7, 0, 0], [0, 0, 0, 1.0]]))
+    assert image_depth_mm(axial, labels) == pytest.approx(0.3)
+    assert image_depth_mm(coronal, labels) == pytest.approx(2.0)
+    assert image_depth_mm(coronal) == pytest.approx(0.35)         # its own in-plane pixel
