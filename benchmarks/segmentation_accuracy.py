@@ -76,22 +76,17 @@ def side_map(img, centres: dict) -> np.ndarray | None:
     return np.array([SIDES.index(n) for n in names])[idx]
 
 
-def same_grid(a, b) -> bool:
-    """Whether two images share shape and affine."""
-    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-4)
-
-
 def truth_on_grid(row: dict, cohort: Path, truth_lab, pred):
     """The true label map on the prediction's grid: the cohort's labels sampled on that grid
     where the generator wrote them (``labels_fluid`` / ``labels_dixon``: a scan segmented
     without its T1 comes back on the fluid or Dixon grid), else the T1-grid labels taken onto it
     (nearest), which on another slice plane misplaces the truth by up to half a slice."""
-    if same_grid(pred, truth_lab):
+    if pred.same_grid(truth_lab):
         return truth_lab
     for col in ("labels_fluid", "labels_dixon"):
         if row.get(col):
             own = load_nifti(cohort / row[col], "labels")
-            if same_grid(pred, own):
+            if pred.same_grid(own):
                 return own
     return resample_like(truth_lab, pred, order=0)
 

@@ -237,8 +237,7 @@ def _load_labels(labels_override, label_table, reference: Image, warnings: list[
         except (OSError, ValueError) as exc:
             raise SubjectError("labels", f"label table {table_path}: {exc}") from exc
         lab = lab.with_array(remap_to_project(lab.array, table), kind="labels")
-    same_grid = lab.shape == reference.shape and np.allclose(lab.affine, reference.affine, atol=1e-3)
-    if not same_grid:
+    if not lab.same_grid(reference, atol=1e-3):
         from pipeline.image import overlap_fraction
 
         if max(overlap_fraction(reference, lab), overlap_fraction(lab, reference)) < 0.2:
@@ -314,7 +313,7 @@ def run_subject(inputs: dict, out_dir, *, model=None, config=None, subject=None,
         with _stage_errors("segment"):
             seg = segment(net_images, model, reference=ref_role if ref_role in net_images else "t1")
         labels = seg.labels
-        if labels.shape != reference.shape or not np.allclose(labels.affine, reference.affine, atol=1e-4):
+        if not labels.same_grid(reference):
             raise SubjectError("segment", "segmentation is not on the reference grid (internal error)")
         labels = Image(np.asarray(labels.array, dtype=np.uint8), reference.affine.copy(), "labels", {})
         seg_info = {"confidence": dict(seg.confidence), "warnings": list(seg.warnings),

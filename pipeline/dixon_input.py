@@ -29,7 +29,7 @@ def t1_like_from_dixon(fat: Image, water: Image, water_weight: float = DIXON_T1_
     The water image is resampled in world coordinates (linear) when its grid differs. Raises
     ImageError when the two images do not overlap or hold no positive signal.
     """
-    if water.shape != fat.shape or not np.allclose(water.affine, fat.affine, atol=1e-4):
+    if not water.same_grid(fat):
         if overlap_fraction(fat, water) < 0.2:
             raise ImageError("the Dixon fat and water images do not overlap")
         water = resample_like(water, fat, order=1)

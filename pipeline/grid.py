@@ -257,8 +257,7 @@ def prepare_inputs(images: dict, channels=("t1", "fluid"), spacing=DEFAULT_SPACI
     body = arr[list(channels).index(reference)] > 0.1 if reference in channels else None
     for c in channels:
         img = chan_imgs[c]
-        if img is None or img is ref or body is None or (
-                img.shape == ref.shape and np.allclose(img.affine, ref.affine, atol=1e-4)):
+        if img is None or body is None or img.same_grid(ref):
             continue                                   # on the reference's own grid: covers it all
         w = coverage_weight(img, grid, body)
         if w is not None:

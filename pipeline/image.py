@@ -57,6 +57,10 @@ class Image:
         """Voxel size along each array axis in mm (norms of the affine's columns)."""
         return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
 
+    def same_grid(self, other: "Image", atol: float = 1e-4) -> bool:
+        """Whether ``other`` has this image's shape and (within ``atol``) affine: the same voxels."""
+        return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol)
+
     def voxel_to_world(self, ijk: np.ndarray) -> np.ndarray:
         """Map (N, 3) voxel coordinates to (N, 3) world RAS mm."""
         ijk = np.asarray(ijk, dtype=np.float64)

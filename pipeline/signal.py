@@ -359,7 +359,7 @@ def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
     """
     from .image import resample_like
 
-    if fat.shape != water.shape or not np.allclose(fat.affine, water.affine, atol=1e-3):
+    if not fat.same_grid(water, atol=1e-3):
         water = resample_like(water, fat, order=1)
     # In-plane erosion only: also dropping the QF's first / last label slices (partial volume
     # at its ends) samples a heterogeneous muscle (fat streaks vary along it) so unevenly that

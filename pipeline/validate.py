@@ -494,9 +494,8 @@ def compare_label_maps(result_img, reference_img, subject: str = "") -> tuple[li
 
     from scipy import ndimage
 
-    same_grid = result_img.shape == reference_img.shape and np.allclose(result_img.affine, reference_img.affine,
-                                                                        atol=1e-4)
-    res = result_img if same_grid else resample_like(result_img, reference_img, order=0)
+    res = (result_img if result_img.same_grid(reference_img)
+           else resample_like(result_img, reference_img, order=0))
     masks, method = side_masks(reference_img)
     rows = []
     spacing = reference_img.spacing

@@ -375,14 +375,14 @@ PLANES = {"coronal": (90.0, 0.0, 0.0), "sagittal": (90.0, 0.0, 90.0)}
 
 
 def plane_geometry(rng: np.random.Generator, lm: dict, fov_kind: str, plane: str, t1: Geometry,
-                   pixel_range=(0.6, 1.0), max_slices: int = MAX_SLICES) -> Geometry:
+                   pixel_range=None, max_slices: int = MAX_SLICES) -> Geometry:
     """A coronal or sagittal acquisition grid (e.g. the coronal STIR of a hip protocol).
 
-    Slices of 3-5 mm (gap 0 or 10-30 %), a few degrees of tilt, in-plane pixel 0.6-1.0 mm
-    (``pixel_range``). The slab covers the measured structures (IT, LT and the QF between them) of the hips in the field
-    of view with 25-40 mm to spare; in-plane it spans the T1's left-right field of view (coronal)
-    and the anatomy's full superior-inferior extent, within the simulated anatomy grid (beyond
-    it there is no anatomy to image).
+    Slices of 3-5 mm (gap 0 or 10-30 %), a few degrees of tilt, in-plane pixel 0.6-1.0 mm (or
+    ``pixel_range``). The slab covers the measured structures (IT, LT and the QF between them)
+    of the hips in the field of view with 25-40 mm to spare; in-plane it spans the T1's
+    left-right field of view (coronal) and the anatomy's full superior-inferior extent, within
+    the simulated anatomy grid (beyond it there is no anatomy to image).
     """
     if plane not in PLANES:
         raise ValueError(f"plane must be one of {sorted(PLANES)} (or axial)")
@@ -392,7 +392,7 @@ def plane_geometry(rng: np.random.Generator, lm: dict, fov_kind: str, plane: str
     box = np.asarray(lm["grid_box"], float)
     thickness = float(np.round(rng.uniform(3.0, 5.0) * 2) / 2)
     gap = 0.0 if rng.uniform() < 0.5 else float(rng.uniform(0.1, 0.3))
-    pix = float(rng.uniform(*pixel_range))
+    pix = float(rng.uniform(*(pixel_range or (0.6, 1.0))))
     tilt = _angles(rng, max_deg=5.0)
     angles = tuple(float(b + t) for b, t in zip(PLANES[plane], tilt))
     normal = 1 if plane == "coronal" else 0          # world axis the slices are stacked along
@@ -493,7 +493,7 @@ def draw_protocol(rng: np.random.Generator, lm: dict, fov_kind: str, **overrides
     plane = overrides.get("fluid_plane", "axial")
     if plane != "axial":    # drawn last, from its own stream: the other series stay as they were
         geos["fluid"] = plane_geometry(np.random.default_rng(geo_rng.integers(2**32)), lm, fov_kind,
-                                       plane, t1, (0.6, 1.0) if pix is None else pix_range)
+                                       plane, t1, None if pix is None else pix_range)
         same = False
     return Protocol(field_t, fov_kind, fluid_kind, seqs, geos, snr, orientation, dtype, gains, same)
 
