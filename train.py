@@ -50,6 +50,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--tissue-contrast", type=float, default=0.0, metavar="P",
                     help="probability per patch of another scanner's tissue contrast (each tissue class "
                          "scaled by its own factor, 0.5-2); 0 (default) leaves it out, as the bundled models were trained")
+    ap.add_argument("--other-plane", type=float, default=0.0, metavar="P",
+                    help="probability per patch that one channel looks acquired coronal or sagittal "
+                         "(3-5 mm slices along A-P or L-R, sometimes only a slab); 0 (default) leaves it out")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
     ap.add_argument("--description", default=None,
                     help='training data description for the metadata, e.g. "synthetic phantoms: '
@@ -58,8 +61,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-tcmalloc", action="store_true", help="do not re-execute with tcmalloc preloaded")
     a = ap.parse_args(argv)
     a.class_weights = _class_weights(ap, a.class_weight)
-    if not 0.0 <= a.tissue_contrast <= 1.0:
-        ap.error(f"--tissue-contrast {a.tissue_contrast}: a probability, 0 to 1")
+    for flag, p in (("--tissue-contrast", a.tissue_contrast), ("--other-plane", a.other_plane)):
+        if not 0.0 <= p <= 1.0:
+            ap.error(f"{flag} {p}: a probability, 0 to 1")
     return a
 
 
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                       val_fraction=a.val_fraction, max_val=a.max_val, seed=a.seed, resume=a.resume,
                       device=a.device, init=a.init, workers=a.workers, bf16=a.bf16, threads=a.threads,
                       class_weights=a.class_weights, contact_weight=a.contact_weight, tissue_contrast=a.tissue_contrast,
-                      progress=not a.no_progress, description=a.description)
+                      other_plane=a.other_plane, progress=not a.no_progress, description=a.description)
     summary = run_training(cfg)
     print(f"done: {summary['epochs']} epochs, best key-structure Dice {summary['best_key_dice']:.4f}, "
           f"{summary['elapsed_min']:.1f} min -> {summary['run_dir']}/best.safetensors")

@@ -92,6 +92,7 @@ class TrainConfig:
     class_weights: dict | None = None
     contact_weight: float = 1.0
     tissue_contrast: float = 0.0
+    other_plane: float = 0.0
     threads: int | None = None
     progress: bool = True
     description: str | None = None
@@ -285,7 +286,94 @@ class RandTissueContrastd(_PerChannelByLabel):
         return new.clamp(0.0, 1.5)
 
 
-class RandChannelDropoutd(RandomizableTransform, MapTransform):
+class _RandOneOfPresentChannels(RandomizableTransform, MapTransform):
+    """Base of the transforms that alter one of the present (not all-zero) channels: with
+    probability ``prob``, ``self._apply(image, present channel indices)`` for each key; it
+    returns the new image, or None to leave it."""
+
+    def __init__(self, keys=("image",), prob=0.5):
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
+
+    def _apply(self, img, alive: list[int]):
+        raise NotImplementedError
+
+    def __call__(self, data):
+        import torch
+
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        for key in self.keys:
+            img = torch.as_tensor(d[key])
+            out = self._apply(img, [c for c in range(img.shape[0]) if bool((img[c] != 0).any())])
+            if out is not None:
+                d[key] = out
+        return d
+
+
+class RandOtherPlaned(_RandOneOfPresentChannels):
+    """One channel acquired in another plane, as a coronal STIR beside an axial T1 is.
+
+    With probability ``prob`` one present channel is averaged over slices of 3-5 mm (gap 0 or
+    10-30 %) stacked along the working grid's anterior-posterior axis (coronal, 70 %) or
+    left-right axis (sagittal), sampled at the slice centres (random phase) and interpolated
+    back linearly, as resampling such a series onto the axial working grid does at inference
+    (its 1 mm voxels taken as 1 mm). When the other channel is present too, with probability
+    ``p_slab`` the channel then covers only a slab along that axis (at least 40 % of the patch)
+    and is zero beyond, as a series covering part of the body is. The coronal-fluid probe
+    (``make_phantoms.py --protocol fluid_plane=coronal``) showed the bundled models lose a little
+    accuracy inside such a slab, and their reference tissues beyond it.
+    """
+
+    def __init__(self, keys=("image",), prob=0.2, p_slab=0.5):
+        super().__init__(keys, prob)
+        self.p_slab = float(p_slab)
+
+    def _reslice(self, x, axis: int):
+        import torch
+        import torch.nn.functional as F
+
+        n = x.shape[axis]
+        thick = self.R.uniform(3.0, 5.0)
+        step = thick * (1.0 + (0.0 if self.R.uniform() < 0.5 else self.R.uniform(0.1, 0.3)))
+        k = max(1, int(round(thick)))
+        lines = x.movedim(axis, -1).reshape(-1, 1, n)
+        box = F.avg_pool1d(F.pad(lines, (k // 2, (k - 1) // 2), mode="replicate"), k, stride=1)[:, 0]
+        centres = np.arange(self.R.uniform(0.0, step), n, step)
+        if centres.size < 2:
+            return x
+        samples = box[:, np.clip(np.rint(centres).astype(int), 0, n - 1)]
+        pos = np.clip(np.arange(n, dtype=float), centres[0], centres[-1])
+        j = np.clip(np.searchsorted(centres, pos, side="right") - 1, 0, centres.size - 2)
+        w = torch.from_numpy((pos - centres[j]) / (centres[j + 1] - centres[j])).to(x.dtype)
+        out = samples[:, j] * (1 - w) + samples[:, j + 1] * w
+        shape = list(x.movedim(axis, -1).shape)
+        return out.reshape(shape).movedim(-1, axis)
+
+    def _apply(self, img, alive):
+        import torch
+
+        if not alive:
+            return None
+        img = img.clone()
+        c = alive[self.R.randint(len(alive))]
+        axis = 1 if self.R.uniform() < 0.7 else 0          # channel axes: R, A, S
+        img[c] = self._reslice(img[c], axis)
+        if len(alive) >= 2 and self.R.uniform() < self.p_slab:
+            n = img.shape[axis + 1]
+            width = int(round(self.R.uniform(0.4, 1.0) * n))
+            lo = self.R.randint(0, n - width + 1)
+            keep = torch.zeros(n, dtype=torch.bool)
+            keep[lo:lo + width] = True
+            view = [1, 1, 1]
+            view[axis] = n
+            img[c] = img[c] * keep.reshape(view)
+        return img
+
+
+class RandChannelDropoutd(_RandOneOfPresentChannels):
     """With probability ``prob`` zero one of the two channels (T1 only / fluid only at inference).
 
     Applied last, so a dropped channel is exactly zero like a missing series at inference.
@@ -293,31 +381,24 @@ class RandChannelDropoutd(RandomizableTransform, MapTransform):
     """
 
     def __init__(self, keys=("image",), prob=0.4):
-        RandomizableTransform.__init__(self, prob)
-        MapTransform.__init__(self, keys)
+        super().__init__(keys, prob)
 
-    def __call__(self, data):
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        for key in self.keys:
-            img = d[key]
-            alive = [c for c in range(img.shape[0]) if bool((img[c] != 0).any())]
-            if len(alive) >= 2:
-                img = img.clone()
-                img[alive[self.R.randint(len(alive))]] = 0
-                d[key] = img
-        return d
+    def _apply(self, img, alive):
+        if len(alive) < 2:
+            return None
+        img = img.clone()
+        img[alive[self.R.randint(len(alive))]] = 0
+        return img
 
 
-def train_transforms(meta: dict, cache_dir: Path, samples: int, patch, tissue_contrast: float = 0.0
-                     ) -> "object":
+def train_transforms(meta: dict, cache_dir: Path, samples: int, patch, tissue_contrast: float = 0.0,
+                     other_plane: float = 0.0) -> "object":
     """The MONAI dictionary transform chain (deterministic head is cached by CacheDataset).
 
     ``samples``: patches drawn from each subject (the loader stacks the subjects of one step).
     ``tissue_contrast``: probability of ``RandTissueContrastd``; at 0 it is left out of the chain,
-    so that the bundled models' recipe draws exactly the random numbers it drew.
+    so that the bundled models' recipe draws exactly the random numbers it drew; likewise
+    ``other_plane``, the probability of ``RandOtherPlaned``.
     """
     from monai.transforms import (CastToTyped, ClassesToIndicesd, Compose, EnsureTyped, Identityd, OneOf,
                                   Rand3DElasticd, RandAdjustContrastd, RandAffined, RandBiasFieldd,
@@ -356,6 +437,7 @@ def train_transforms(meta: dict, cache_dir: Path, samples: int, patch, tissue_co
                Identityd(keys)], weights=(0.03, 0.97)),
         RandDomainRandomisationd(("image",), "label", prob=0.3),
         *([RandTissueContrastd(("image",), "label", prob=tissue_contrast)] if tissue_contrast > 0 else []),
+        *([RandOtherPlaned(("image",), prob=other_plane)] if other_plane > 0 else []),
         RandBiasFieldd("image", coeff_range=(0.0, 0.3), prob=0.3),
         RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
         RandHistogramShiftd("image", num_control_points=(5, 10), prob=0.1),
@@ -491,8 +573,9 @@ def run_training(cfg: TrainConfig) -> dict:
     from models.net import bf16_native, memory_layout
 
     t_start = time.time()
-    if not 0.0 <= cfg.tissue_contrast <= 1.0:
-        raise ValueError(f"--tissue-contrast {cfg.tissue_contrast} is not a probability (0 to 1)")
+    for flag, p in (("--tissue-contrast", cfg.tissue_contrast), ("--other-plane", cfg.other_plane)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{flag} {p} is not a probability (0 to 1)")
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -519,11 +602,12 @@ def run_training(cfg: TrainConfig) -> dict:
         "seed": cfg.seed, "batch": cfg.batch, "patches_per_subject": min(cfg.patches_per_subject, cfg.batch),
         "patch": list(cfg.patch), "lr": cfg.lr,
         "class_weights": dict(cfg.class_weights or {}), "contact_weight": cfg.contact_weight,
-        "tissue_contrast": cfg.tissue_contrast,
+        "tissue_contrast": cfg.tissue_contrast, "other_plane": cfg.other_plane,
         "epochs": cfg.epochs, "minutes": cfg.minutes, "steps_per_epoch": cfg.steps_per_epoch,
         "command": command, "device": device.type, "bf16": use_bf16, "torch": torch.__version__,
         "augmentation": "flip LR, affine, grid distortion, elastic, SynthSeg contrast, "
                         + ("tissue contrast, " if cfg.tissue_contrast > 0 else "")
+                        + ("other-plane channel, " if cfg.other_plane > 0 else "")
                         + "bias, gamma, histogram shift, "
                         "low resolution, blur, noise, channel dropout",
     }
@@ -553,8 +637,8 @@ def run_training(cfg: TrainConfig) -> dict:
     per_subject = min(cfg.patches_per_subject, cfg.batch)
     if per_subject < 1 or cfg.batch % per_subject:
         raise ValueError(f"--batch {cfg.batch} is not a multiple of --patches-per-subject {cfg.patches_per_subject}")
-    train_ds = CacheDataset(train_recs, train_transforms(meta, cache_dir, per_subject, cfg.patch, cfg.tissue_contrast),
-                            cache_rate=1.0, num_workers=0, progress=cfg.progress)
+    chain = train_transforms(meta, cache_dir, per_subject, cfg.patch, cfg.tissue_contrast, cfg.other_plane)
+    train_ds = CacheDataset(train_recs, chain, cache_rate=1.0, num_workers=0, progress=cfg.progress)
     val_items = [val_transforms(meta, cache_dir)(r) for r in val_recs]
     _log(run_dir, f"cached {len(train_recs)} training + {len(val_recs)} validation subjects "
                   f"in {time.time() - t0:.0f} s")

@@ -76,7 +76,8 @@ def test_training_smoke_run_and_resume(dataset, tmp_path):
     run = tmp_path / "run"
     cfg = TrainConfig(data=str(dataset), out=str(run), epochs=1, steps_per_epoch=2, batch=2,
                       patch=(32, 32, 8), val_fraction=0.34, seed=1, progress=False,
-                      class_weights={"hamstring_tendon": 2.0}, contact_weight=10.0, tissue_contrast=1.0)
+                      class_weights={"hamstring_tendon": 2.0}, contact_weight=10.0, tissue_contrast=1.0,
+                      other_plane=1.0)
     s = run_training(cfg)
     assert s["epochs"] == 1
     for name in ("best.safetensors", "best.json", "last.safetensors", "last.json", "checkpoint.pt",
@@ -89,6 +90,7 @@ def test_training_smoke_run_and_resume(dataset, tmp_path):
     assert meta["training"]["class_weights"] == {"hamstring_tendon": 2.0}
     assert meta["training"]["contact_weight"] == 10.0
     assert meta["training"]["tissue_contrast"] == 1.0 and "tissue contrast" in meta["training"]["augmentation"]
+    assert meta["training"]["other_plane"] == 1.0 and "other-plane" in meta["training"]["augmentation"]
     assert set(meta["metrics"]["val_dice"]) == {n for n in LABELS if n != "background"}
     cfg.resume, cfg.epochs = True, 2
     s2 = run_training(cfg)
@@ -353,3 +355,53 @@ def test_tissue_contrast_scales_each_tissue_of_the_image_by_its_own_factor():
     names = lambda chain: [type(t).__name__ for t in chain.transforms]
     assert "RandTissueContrastd" not in names(train_transforms({}, Path("."), 2, (32, 32, 8)))
     assert "RandTissueContrastd" in names(train_transforms({}, Path("."), 2, (32, 32, 8), tissue_contrast=0.3))
+
+
+def test_other_plane_reslices_one_channel_along_a_p_or_l_r():
+    """A channel made to look coronal / sagittal: averaged over 3-5 mm slices along one in-plane
+    axis and interpolated between slice centres (a sharp edge along that axis becomes a ramp, the
+    other axes keep theirs); with the other channel present, sometimes a slab with zeros beyond;
+    the other channel untouched; in the chain only when asked for."""
+    from pipeline.training import RandOtherPlaned, train_transforms
+
+    x = torch.zeros(2, 40, 40, 6)
+    x[0, :, 20:] = 1.0                                  # a step along y (A-P)
+    x[0, 20:, :] += 0.5                                 # and one along x (L-R)
+    x[1] = 0.7
+    seen = set()
+    for seed in range(12):
+        t = RandOtherPlaned(prob=1.0, p_slab=0.0)
+        t.set_random_state(seed)
+        out = t({"image": x.clone()})["image"]
+        changed = [c for c in (0, 1) if not torch.equal(out[c], x[c])]
+        assert len(changed) == 1 and float(out.min()) >= 0.0 and float(out.max()) <= 1.5 + 1e-6
+        c = changed[0]
+        if c == 1:                                      # a uniform channel stays uniform
+            assert torch.allclose(out[1], x[1])
+            continue
+        ramp_y = torch.unique(out[0, 5, 14:27, 2]).numel() > 2        # intermediate values along y
+        ramp_x = torch.unique(out[0, 14:27, 5, 2]).numel() > 2
+        assert ramp_y != ramp_x                          # exactly one axis resliced
+        seen.add("y" if ramp_y else "x")
+        assert torch.equal(out[0, :, :, 0], out[0, :, :, 5])           # S untouched
+    assert seen == {"x", "y"}
+    t = RandOtherPlaned(prob=1.0, p_slab=1.0)
+    slabs = 0
+    for seed in range(12):
+        t.set_random_state(seed)
+        out = t({"image": x.clone() + 0.1})["image"]
+        for c in (0, 1):
+            zero = (out[c] == 0).all(dim=2)
+            if zero.any():
+                slabs += 1
+                assert zero.all(dim=0).any() or zero.all(dim=1).any()   # whole planes across the axis
+    assert slabs == 12
+    single = x.clone()
+    single[1] = 0.0
+    for seed in range(6):                               # one channel alone: never cut to a slab
+        t.set_random_state(seed)
+        out = t({"image": single.clone() + torch.tensor([0.1, 0.0])[:, None, None, None]})["image"]
+        assert not (out[0] == 0).any() and not out[1].any()
+    names = lambda chain: [type(t).__name__ for t in chain.transforms]
+    assert "RandOtherPlaned" not in names(train_transforms({}, Path("."), 2, (32, 32, 8)))
+    assert "RandOtherPlaned" in names(train_transforms({}, Path("."), 2, (32, 32, 8), other_plane=0.2))
