@@ -339,7 +339,8 @@ class RandOtherPlaned(_RandOneOfPresentChannels):
         thick = self.R.uniform(3.0, 5.0)
         step = thick * (1.0 + (0.0 if self.R.uniform() < 0.5 else self.R.uniform(0.1, 0.3)))
         k = max(1, int(round(thick)))
-        lines = x.movedim(axis, -1).reshape(-1, 1, n)
+        moved = x.movedim(axis, -1)
+        lines = moved.reshape(-1, 1, n)
         box = F.avg_pool1d(F.pad(lines, (k // 2, (k - 1) // 2), mode="replicate"), k, stride=1)[:, 0]
         centres = np.arange(self.R.uniform(0.0, step), n, step)
         if centres.size < 2:
@@ -349,8 +350,7 @@ class RandOtherPlaned(_RandOneOfPresentChannels):
         j = np.clip(np.searchsorted(centres, pos, side="right") - 1, 0, centres.size - 2)
         w = torch.from_numpy((pos - centres[j]) / (centres[j + 1] - centres[j])).to(x.dtype)
         out = samples[:, j] * (1 - w) + samples[:, j + 1] * w
-        shape = list(x.movedim(axis, -1).shape)
-        return out.reshape(shape).movedim(-1, axis)
+        return out.reshape(moved.shape).movedim(-1, axis)
 
     def _apply(self, img, alive):
         import torch
