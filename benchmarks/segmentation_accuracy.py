@@ -128,13 +128,14 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
             continue
         t0 = time.perf_counter()
         if imgs is None:
-            pred, conf, seconds, resegmented, partial = truth_lab, {}, 0.0, False, ""
+            pred, conf, seconds, resegmented, partial, fat_ratio = truth_lab, {}, 0.0, False, "", None
             meas_imgs = {k: v for k, v in all_imgs.items() if v is not None}
         else:
             seg = segment(imgs, model, bf16=bf16, mirror=mirror, shading=shading,
                           partial_coverage=partial_coverage)
             pred, conf, seconds = seg.labels, seg.confidence, time.perf_counter() - t0
             resegmented, partial = seg.shading_corrected, "+".join(seg.partial_channels)
+            fat_ratio = seg.fluid_fat_ratio
             meas_imgs = dixon_pair if mode == "dixon" else imgs
         tl = truth_on_grid(row, cohort, truth_lab, pred)
         sides = side_map(pred, centres)
@@ -143,7 +144,8 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
         for side in ("all", *SIDES):
             rec = {"subject": row["subject"], "mode": mode, "side": side, "seconds": round(seconds, 2),
                    "partial_coverage_pass": partial,
-                   "resegmented": resegmented}
+                   "resegmented": resegmented,
+                   "fluid_fat_ratio": None if fat_ratio is None else round(fat_ratio, 3)}
             if side != "all" and side not in centres:
                 continue
             sel = np.ones(pred.shape, bool) if side == "all" else (sides == SIDES.index(side))
@@ -244,6 +246,13 @@ def summarise(rows: list[dict]) -> str:
         if n_pc:
             lines.append(f"  second series covering only part of the body (labels there from a pass "
                          f"without it): {n_pc} of {len(rs)} scans")
+        fr = [r["fluid_fat_ratio"] for r in rs if r.get("fluid_fat_ratio") is not None]
+        if fr:
+            from pipeline.segment import UNSUPPRESSED_FAT_RATIO
+            n_un = sum(f > UNSUPPRESSED_FAT_RATIO for f in fr)
+            lines.append(f"  fat / muscle on the fluid series: {min(fr):.2f}-{max(fr):.2f} (median "
+                         f"{np.median(fr):.2f}); not fat-suppressed (> {UNSUPPRESSED_FAT_RATIO:g}): "
+                         f"{n_un} of {len(fr)} scans")
         secs = [r["seconds"] for r in rs if r["seconds"]]
         if secs:
             lines.append(f"  seconds per scan: median {np.median(secs):.1f}")

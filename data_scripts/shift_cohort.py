@@ -25,6 +25,11 @@ Shifts, each modelled on how it arises in an MR scanner:
   signal relative to the gluteus maximus (edema grades stay true), but the T1 fat fraction,
   calibrated between muscle and subcutaneous fat, no longer matches the truth: fat grades are not
   scored on this shift. Dixon is left as is.
+* ``fatsat``: fat suppression that failed, or a T2 without fat saturation given as the fluid
+  series. In the fluid series only, every fat voxel (the ``tissue`` shift's fat class, and bone
+  bright on T1: fatty marrow) gets the signal it would have unsuppressed, added to what it has:
+  fat's median becomes ``strength`` times the muscles' median (an unsuppressed fast spin-echo T2
+  gives about 3-5). The QF's own fat is left as it was, so the edema truth holds.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.image import Image, load_nifti, resample_like, save_nifti  # noqa: E402
 from pipeline.labels import NUM_CLASSES, TISSUE_CLASSES, tissue_lookup  # noqa: E402
 
-SHIFTS = {"coil": 0.6, "gamma": 0.5, "ghost": 1.5, "ringing": 0.5, "tissue": 1.6}
+SHIFTS = {"coil": 0.6, "gamma": 0.5, "ghost": 1.5, "ringing": 0.5, "tissue": 1.6, "fatsat": 4.0}
 IMAGE_COLUMNS = ("t1", "fluid", "dixon_fat", "dixon_water")
 
 
@@ -172,6 +177,30 @@ def tissue_contrast(img: Image, tissues: Image, strength: float, rng: np.random.
     return img.array * gaussian_filter(table[cls], sigma, mode="nearest"), drawn
 
 
+def fat_unsuppressed(img: Image, labels: Image, t1: Image | None, strength: float,
+                     blur_mm: float = 1.0) -> np.ndarray:
+    """``img`` (a fat-suppressed series) with its fat given back: fat voxels (``tissue_map``'s fat
+    class, and bone brighter on ``t1`` than halfway between muscle and fat; without a T1 the
+    labelled fat only) get a signal added that takes fat's median to ``strength`` times the
+    muscles' median on ``img``."""
+    from scipy.ndimage import gaussian_filter
+
+    cls = tissue_map(labels, t1)
+    fat_k, muscle_k, bone_k = (list(TISSUE_CLASSES).index(n) + 1 for n in ("fat", "muscle", "bone"))
+    c = cls.array
+    fat = c == fat_k
+    if t1 is not None:
+        t = resample_like(t1, labels, order=1).array
+        half = 0.5 * (float(np.median(t[c == muscle_k])) + float(np.median(t[fat])))
+        fat |= (c == bone_k) & (t > half)
+    on_img = resample_like(Image(fat.astype(np.float32), labels.affine), img, order=0).array
+    muscle = resample_like(Image((c == muscle_k).astype(np.float32), labels.affine), img, order=0).array
+    a = img.array
+    add = strength * float(np.median(a[muscle > 0])) - float(np.median(a[on_img > 0]))
+    weight = gaussian_filter(on_img, [blur_mm / s for s in img.spacing], mode="nearest")
+    return a + max(add, 0.0) * weight
+
+
 def shift_subject(row: dict, src: Path, dst: Path, shift: str, strength: float, seed: int) -> None:
     """Write the shifted copy of one subject of the cohort."""
     rng = np.random.default_rng(seed)
@@ -191,6 +220,9 @@ def shift_subject(row: dict, src: Path, dst: Path, shift: str, strength: float, 
             out = ringing(img, strength)
         elif shift == "tissue":
             out = img.array if col.startswith("dixon") else tissue_contrast(img, tissues, strength, rng)[0]
+        elif shift == "fatsat":
+            out = (fat_unsuppressed(img, load_nifti(src / row["labels"]), images.get("t1"), strength)
+                   if col == "fluid" else img.array)
         else:
             raise ValueError(f"unknown shift {shift!r}; one of {', '.join(SHIFTS)}")
         save_nifti(img.with_array(np.asarray(out, np.float32)), dst / row[col])

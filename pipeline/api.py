@@ -317,7 +317,8 @@ def run_subject(inputs: dict, out_dir, *, model=None, config=None, subject=None,
             raise SubjectError("segment", "segmentation is not on the reference grid (internal error)")
         labels = Image(np.asarray(labels.array, dtype=np.uint8), reference.affine.copy(), "labels", {})
         seg_info = {"confidence": dict(seg.confidence), "warnings": list(seg.warnings),
-                    "timings": {k: float(v) for k, v in seg.timings.items()}}
+                    "timings": {k: float(v) for k, v in seg.timings.items()},
+                    "fluid_fat_ratio": seg.fluid_fat_ratio}
         warnings += [f"segmentation: {w}" for w in seg.warnings]
         model_info = model_identity(model)
         stage = "segment"

@@ -59,6 +59,15 @@ class MeasureConfig:
     edema_ratio_mild: float = 1.25    # median QF / median reference muscle on the fluid image
     edema_ratio_marked: float = 1.8
     edema_source: str = "stir_url"
+    # On a fat-suppressed fluid image fat is darker than muscle or about as bright (phantoms:
+    # subcutaneous fat 0.13-1.17 times the reference muscle, T2 fat-sat leaving 5-25 % of fat's
+    # signal); an unsuppressed fast spin-echo T2 shows fat at about 3-5 times muscle (fat T2
+    # ~130-160 ms against muscle's ~35-45 ms). Above this ratio (subcutaneous fat near the QF
+    # over the reference muscle) fat suppression failed or the series is not fat-suppressed: a
+    # bright QF could then be fat as well as edema, so the edema grade is withheld (its
+    # statistics are still reported).
+    fat_suppression_max_ratio: float = 2.0
+    fat_suppression_source: str = "ifi_seg_design"
     # Fat fraction -> Goutallier grade boundaries (upper bounds of grades 0..3)
     goutallier_ff_bounds: tuple = (0.08, 0.20, 0.40, 0.55)
     goutallier_source: str = "goutallier_fuchs"

@@ -205,11 +205,21 @@ def normalise(array: np.ndarray, recipe: dict = NORMALISATION) -> np.ndarray:
     return out
 
 
-def _pick(images: dict, names) -> tuple[str, Image] | tuple[None, None]:
+def pick_image(images: dict, names) -> tuple[str, Image] | tuple[None, None]:
+    """The first of ``names`` (e.g. ``FLUID_KEYS``) present in ``images``: (key, image)."""
     for n in names:
         if images.get(n) is not None:
             return n, images[n]
     return None, None
+
+
+def acquisition_plane(affine: np.ndarray) -> str:
+    """"axial", "coronal" or "sagittal": the world axis (S-I, A-P, L-R) nearest to the axis the
+    slices were acquired along (``geometry.acquisition_slice_axis``)."""
+    from pipeline.geometry import acquisition_slice_axis
+
+    d = np.abs(np.asarray(affine, float)[:3, acquisition_slice_axis(affine)])
+    return ("sagittal", "coronal", "axial")[int(np.argmax(d))]
 
 
 def prepare_inputs(images: dict, channels=("t1", "fluid"), spacing=DEFAULT_SPACING,
@@ -226,7 +236,7 @@ def prepare_inputs(images: dict, channels=("t1", "fluid"), spacing=DEFAULT_SPACI
     warnings: list[str] = []
     chan_imgs: dict[str, Image | None] = {}
     for c in channels:
-        key, img = _pick(images, FLUID_KEYS if c == "fluid" else (c,))
+        key, img = pick_image(images, FLUID_KEYS if c == "fluid" else (c,))
         chan_imgs[c] = img
         if img is not None:
             validate_intensity_image(img, key)
@@ -238,12 +248,18 @@ def prepare_inputs(images: dict, channels=("t1", "fluid"), spacing=DEFAULT_SPACI
         warnings.append(f"inputs not used by the network: {', '.join(unused)}")
     if reference is None:
         reference = next(c for c in ("t1", "fluid", *channels) if chan_imgs.get(c) is not None)
-    key, ref = _pick(images, FLUID_KEYS if reference == "fluid" else (reference,))
+    key, ref = pick_image(images, FLUID_KEYS if reference == "fluid" else (reference,))
     if ref is None:
         raise ImageError(f"reference image {reference!r} not among the inputs {sorted(images)}")
     if ref.kind == "labels":
         raise ImageError("the reference must be an intensity image")
     grid = make_working_grid(ref, spacing, reference)
+    plane = acquisition_plane(ref.affine)
+    if plane != "axial":
+        warnings.append(f"the {reference} series defining the label grid was acquired {plane} "
+                        f"({max(ref.spacing):.1f} mm slices); the bundled networks were trained on "
+                        "axial series only (measured on phantoms in docs/performance.md); check the "
+                        "QC picture")
     arr = np.zeros((len(channels), *grid.shape), dtype=np.float32)
     present = {}
     for ci, c in enumerate(channels):

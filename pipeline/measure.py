@@ -15,7 +15,9 @@ LT point]), ifs_slice / ifs_axial_slice (index along the label map's acquired-sl
 axial value when those slices are not axial), the same for
 qfs (hamstring tendon -> lesser trochanter or iliopsoas tendon), qfs_plausible (false when the
 QFS exceeds the IFS: a missed hamstring origin), qf_volume_ml, qf_max_csa_mm2,
-qf_volume_ratio_contralateral, qf_edema {grade, signal_ratio, fraction_above_reference, ...},
+qf_volume_ratio_contralateral, qf_edema {grade, signal_ratio, fraction_above_reference,
+fat_signal_ratio (nearby subcutaneous fat over the reference muscle on the fluid image; above
+``fat_suppression_max_ratio`` the series is not fat-suppressed and no grade is given), ...},
 qf_fat_fraction, qf_fat_method, qf_goutallier_grade, signal_shading ({t1, fluid}: the
 surface-coil shading divided out before the signals were compared, as the ratio of the fitted
 field's largest to smallest value around the QF; None when not fitted), pose, flags, warnings,
@@ -219,7 +221,12 @@ def _measure_hip(side: str, hip: dict, other: dict | None, labels: Image, images
     elif qf is None or ref is None:
         rec["qf_edema"]["reason"] = "quadratus femoris or reference muscle missing"
     else:
-        rec["qf_edema"] = signal.edema(fluid, qf, ref, aff, cfg, other_qf, shading["fluid"])
+        rec["qf_edema"] = signal.edema(fluid, qf, ref, aff, cfg, other_qf, shading["fluid"],
+                                       subcut)
+        fat_ratio = rec["qf_edema"]["fat_signal_ratio"]
+        if fat_ratio is not None and fat_ratio > cfg.fat_suppression_max_ratio:
+            warn.append(f"fat is bright on the fluid image ({fat_ratio:.1f} times the reference "
+                        "muscle): not fat-suppressed, or fat suppression failed; edema not graded")
 
     fat = None
     if qf is None:

@@ -77,6 +77,12 @@ RESEGMENT_SHADING_RATIO = 1.4
 RESEGMENT_PASSES = 2
 #: Voxels the network gives more than this probability of a tissue are used to fit the shading.
 SHADING_MIN_PROB = 0.9
+#: A fluid series on which fat is more than this many times as bright as muscle is not
+#: fat-suppressed (or its fat suppression failed): held-out phantoms' T2 fat-sat and STIR
+#: 0.1-1.2 near the QF, an unsuppressed fast spin-echo T2 about 3-5 (see
+#: ``MeasureConfig.fat_suppression_max_ratio``, the same bound for the edema grade). Such a
+#: series is left out of the network's input when a T1 is there (``segment``).
+UNSUPPRESSED_FAT_RATIO = 2.0
 
 
 @dataclass
@@ -108,6 +114,9 @@ class Segmentation:
     # channels covering only part of the body, beyond which the labels come from a pass without
     # them (``reference_probabilities``)
     partial_channels: list[str] = field(default_factory=list)
+    # fluid series: median of confident subcutaneous fat over that of confident muscle
+    # (``fluid_fat_ratio``); None without a fluid series
+    fluid_fat_ratio: float | None = None
 
 
 def _default_threads() -> None:
@@ -306,7 +315,7 @@ def class_offsets(meta: dict, present: dict[str, bool]) -> np.ndarray | None:
 def reference_probabilities(images: dict[str, Image], model: SegModel, reference: str | None = None,
                             bf16: bool | None = None, mirror: bool | None = None,
                             offsets: bool = True, timings: dict | None = None,
-                            partial_coverage: bool = True):
+                            partial_coverage: bool = True, exclude=()):
     """The network's class probabilities for a scan, before post-processing.
 
     Returns ``(inputs, probs_w, probs_t)``: the ``GridInputs`` (working grid, channels present,
@@ -315,6 +324,8 @@ def reference_probabilities(images: dict[str, Image], model: SegModel, reference
     input combination are added to the logits first unless ``offsets`` is False.
     ``partial_coverage``: where a series covers only part of the body (``GridInputs.coverage``),
     blend in the network's output without that channel (a second pass); False skips it.
+    ``exclude``: channels the network runs without, as if they were missing (their images still
+    define the grid when they are the reference).
     """
     import torch
 
@@ -338,15 +349,20 @@ def reference_probabilities(images: dict[str, Image], model: SegModel, reference
             logits = logits + torch.from_numpy(shift)[:, None, None, None]   # may be an inference tensor
         return torch.softmax(logits, dim=0)
 
-    probs_w = probabilities(inputs.array, inputs.present)
+    present = {c: p and c not in exclude for c, p in inputs.present.items()}
+    if exclude:
+        inputs.array[[inputs.channels.index(c) for c in exclude if c in inputs.channels]] = 0.0
+    probs_w = probabilities(inputs.array, present)
     # a series covering part of the body is zero beyond it, which the network never saw: there,
     # and ramping in from its edge, use the network's output without that channel
     for c, weight in (inputs.coverage.items() if partial_coverage else ()):
+        if c in exclude:
+            continue
         inputs.warnings.append(f"where the {c} series does not reach, the labels come from the "
                                "network without it")
         without = inputs.array.copy()
         without[inputs.channels.index(c)] = 0.0
-        alone = probabilities(without, {**inputs.present, c: False})
+        alone = probabilities(without, {**present, c: False})
         w = torch.from_numpy(weight)[None]
         probs_w = w * probs_w + (1.0 - w) * alone
     timings["network"] = time.perf_counter() - t0
@@ -392,6 +408,32 @@ def scan_shading(images: dict[str, Image], probs_w, working_affine: np.ndarray,
     return out
 
 
+def fluid_fat_ratio(images: dict[str, Image], probs_w, working_affine: np.ndarray,
+                    stride: int = 2) -> float | None:
+    """Median signal of the fluid series over the voxels the network is sure are subcutaneous
+    fat, divided by that over those it is sure are muscle (gluteus maximus, other muscle); None
+    without a fluid series or either tissue. Fat-suppressed series stay near or below 1
+    (``UNSUPPRESSED_FAT_RATIO``)."""
+    from pipeline.grid import FLUID_KEYS, pick_image
+    from pipeline.sides import Mask
+    from pipeline.signal import sample_in_mask
+
+    img = pick_image(images, FLUID_KEYS)[1]
+    if img is None:
+        return None
+    p = probs_w.numpy() if hasattr(probs_w, "numpy") else np.asarray(probs_w)
+    p = p[:, ::stride, ::stride, ::stride]
+    aff = np.array(working_affine, float)
+    aff[:3, :3] *= float(stride)
+    fat = p[LABELS["subcutaneous_fat"]] > SHADING_MIN_PROB
+    muscle = (p[LABELS["gluteus_maximus"]] > SHADING_MIN_PROB) | (p[LABELS["other_muscle"]] > SHADING_MIN_PROB)
+    f = sample_in_mask(img, Mask(np.zeros(3, int), fat), aff)
+    m = sample_in_mask(img, Mask(np.zeros(3, int), muscle), aff)
+    if min(f.size, m.size) < 100 or np.median(m) <= 0:
+        return None
+    return float(np.median(f) / np.median(m))
+
+
 def _unshaded(img: Image, shading) -> Image:
     """``img`` divided by the shading evaluated at its voxel centres (world coordinates)."""
     out = np.empty(img.shape, np.float32)
@@ -427,6 +469,23 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
     """
     seg, probs_w, working_affine = _segment_once(images, model, reference, return_probabilities,
                                                  bf16, mirror, partial_coverage)
+    exclude = ()
+    t0 = time.perf_counter()
+    ratio = fluid_fat_ratio(images, probs_w, working_affine)
+    seg.timings["fat_suppression_check"] = time.perf_counter() - t0
+    if ratio is not None and ratio > UNSUPPRESSED_FAT_RATIO:
+        what = (f"fat is bright on the fluid series ({ratio:.1f} times the muscles): not "
+                "fat-suppressed, or fat suppression failed, unlike the series the network was "
+                "trained on")
+        if "t1" in model.channels and images.get("t1") is not None:
+            exclude = ("fluid",)
+            seg, probs_w, working_affine = _segment_once(images, model, reference,
+                                                         return_probabilities, bf16, mirror,
+                                                         partial_coverage, exclude)
+            seg.warnings.append(f"{what}: segmented from the T1 alone")
+        else:
+            seg.warnings.append(f"{what}: the labels are less certain; check the QC picture")
+    seg.fluid_fat_ratio = ratio
     if not shading:
         return seg
     t0 = time.perf_counter()
@@ -444,7 +503,7 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
         spent += time.perf_counter() - t0
         seg, probs_w, working_affine = _segment_once(corrected, model, reference,
                                                      return_probabilities, bf16, mirror,
-                                                     partial_coverage)
+                                                     partial_coverage, exclude)
         passes += sum(seg.timings.values())
         t0 = time.perf_counter()
         left = scan_shading(corrected, probs_w, working_affine)
@@ -461,6 +520,8 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
         first.timings.update(shading=spent, corrected_passes=passes)
         return first
     seg.warnings.append(f"{what}: the images were corrected for it and segmented again")
+    seg.warnings[:0] = [w for w in first.warnings if w.startswith("fat is bright")]
+    seg.fluid_fat_ratio = first.fluid_fat_ratio
     seg.timings.update(shading=spent, first_pass=sum(first.timings.values()))
     seg.shading_corrected = True
     return seg
@@ -473,7 +534,7 @@ def _key_confidence(seg: Segmentation) -> float:
 
 def _segment_once(images: dict[str, Image], model: SegModel, reference: str | None,
                   return_probabilities: bool, bf16: bool | None, mirror: bool | None,
-                  partial_coverage: bool = True):
+                  partial_coverage: bool = True, exclude=()):
     """One pass of ``segment``: network, post-processing, confidence. Returns the
     ``Segmentation``, the softmax on the working grid (torch) and the working grid's affine."""
     import torch
@@ -481,7 +542,8 @@ def _segment_once(images: dict[str, Image], model: SegModel, reference: str | No
     timings: dict[str, float] = {}
     inputs, probs_w, probs_t = reference_probabilities(images, model, reference, bf16, mirror,
                                                        timings=timings,
-                                                       partial_coverage=partial_coverage)
+                                                       partial_coverage=partial_coverage,
+                                                       exclude=exclude)
     warnings = list(inputs.warnings)
     t0 = time.perf_counter()
     grid = inputs.grid
@@ -530,5 +592,6 @@ def _segment_once(images: dict[str, Image], model: SegModel, reference: str | No
     return Segmentation(lab_img, confidence, warnings, timings,
                         probs_w.numpy() if return_probabilities else None,
                         grid.affine.copy() if return_probabilities else None, ref_name,
-                        partial_channels=sorted(inputs.coverage) if partial_coverage else []), \
+                        partial_channels=sorted(set(inputs.coverage) - set(exclude))
+                        if partial_coverage else []), \
         probs_w, grid.affine.copy()

@@ -296,10 +296,12 @@ def atrophy(qf: Mask | None, affine: np.ndarray) -> dict:
 
 def edema(fluid: Image, qf: Mask, reference: Mask, label_affine: np.ndarray,
           cfg: MeasureConfig, contralateral_qf: Mask | None = None,
-          shading: Shading | None = None) -> dict:
+          shading: Shading | None = None, fat: Mask | None = None) -> dict:
     """Edema statistics and grade of the QF on a fluid-sensitive fat-suppressed image; with
     ``shading`` (``fit_shading`` on this image) the QF and reference signals are corrected for
-    it first (the contralateral ratio is not: the field is fitted around this QF only)."""
+    it first (the contralateral ratio is not: the field is fitted around this QF only). With
+    ``fat`` (subcutaneous fat near the QF) the fat's median signal over the reference muscle's
+    (``fat_signal_ratio``) checks that fat is suppressed."""
     # image voxels straddling the outline would mix in the fat planes or fluid around the muscle
     depth = image_depth_mm(fluid, label_affine)
     q = _corrected(fluid, erode_inplane(qf, label_affine, cfg.min_signal_voxels, depth),
@@ -308,7 +310,7 @@ def edema(fluid: Image, qf: Mask, reference: Mask, label_affine: np.ndarray,
                    label_affine, shading)
     out = {"grade": None, "signal_ratio": None, "fraction_above_reference": None,
            "reference_upper_limit": None, "qf_median": None, "qf_p90": None,
-           "reference_median": None, "contralateral_ratio": None,
+           "reference_median": None, "contralateral_ratio": None, "fat_signal_ratio": None,
            "sequence": fluid.meta.get("fluid_kind") or fluid.kind, "n_voxels": int(q.size),
            "shading_range": None if shading is None else shading.range_ratio, "reason": None}
     if q.size < cfg.min_signal_voxels or r.size < cfg.min_signal_voxels:
@@ -330,6 +332,18 @@ def edema(fluid: Image, qf: Mask, reference: Mask, label_affine: np.ndarray,
                                                 cfg.min_signal_voxels, depth), label_affine)
         if c.size >= cfg.min_signal_voxels and np.median(c) > 0:
             out["contralateral_ratio"] = float(np.median(q) / np.median(c))
+    if fat is not None:
+        f = _corrected(fluid, erode_inplane(fat, label_affine, cfg.min_signal_voxels, depth),
+                       label_affine, shading)
+        if f.size >= cfg.min_signal_voxels:
+            out["fat_signal_ratio"] = float(np.median(f)) / ref_med
+    if out["fat_signal_ratio"] is not None and out["fat_signal_ratio"] > cfg.fat_suppression_max_ratio:
+        out["reason"] = (f"fat is not suppressed on the fluid image (subcutaneous fat "
+                         f"{out['fat_signal_ratio']:.1f} times the reference muscle; fat-suppressed "
+                         f"series stay below {cfg.fat_suppression_max_ratio:g}): a bright QF could be "
+                         "fat as well as edema, so no grade (a T2 without fat saturation, or failed "
+                         "fat suppression?)")
+        return out
     out["grade"] = edema_grade(frac, ratio, cfg)
     return out
 

@@ -83,6 +83,25 @@ def test_record_contract_and_accuracy(bilateral):
     assert left["pose"]["adduction_deg"] == pytest.approx(0.0, abs=3.0)
 
 
+def test_a_fluid_series_without_fat_suppression_is_not_graded_for_edema(bilateral):
+    img, _ = bilateral
+    imgs = _images(img)
+    rec = measure_hips(img, imgs)
+    assert rec["hips"]["left"]["qf_edema"]["fat_signal_ratio"] == pytest.approx(0.2, abs=0.05)
+    fluid = imgs["fluid"].array.copy()
+    fluid[img.array == LABELS["subcutaneous_fat"]] = 400.0      # fat 4 times the muscle
+    imgs["fluid"] = imgs["fluid"].with_array(fluid)
+    rec = measure_hips(img, imgs)
+    for side in ("left", "right"):
+        h = rec["hips"][side]
+        assert h["qf_edema"]["grade"] is None and "not suppressed" in h["qf_edema"]["reason"]
+        assert h["qf_edema"]["fat_signal_ratio"] == pytest.approx(4.0, abs=0.2)
+        assert any("not fat-suppressed" in w for w in h["warnings"])
+        assert "qf_edema" not in {f["name"] for f in h["flags"]}
+    assert rec["hips"]["left"]["qf_goutallier_grade"] == 2        # fat from Dixon unaffected
+    json.dumps(rec)
+
+
 def test_missing_structures_and_images_give_reasons(bilateral):
     img, _ = bilateral
     arr = img.array.copy()

@@ -444,3 +444,64 @@ def test_labels_beyond_a_partial_series_come_from_the_pass_without_it(monkeypatc
     calls.clear()
     seg_mod.segment({"t1": t1, "stir": _coronal_slab(t1, -45.0)}, small_model, shading=False)
     assert calls == [True]
+
+
+def test_a_label_grid_acquired_coronal_or_sagittal_is_named_in_a_warning():
+    """The networks were trained on axial series: a coronal or sagittal reference (stored in any
+    axis order) is said to be so; axial and near-isotropic ones are not."""
+    from pipeline.grid import acquisition_plane
+
+    rng = np.random.default_rng(3)
+    coronal = _coronal_slab(Image(np.ones((80, 80, 10), np.float32), np.eye(4)), 0.0)  # L-S-P, y last
+    sagittal_aff = np.array([[0, 0, 4.0, -60.0], [0, -0.8, 0, 40.0], [0.8, 0, 0, -30.0], [0, 0, 0, 1]])
+    sagittal = Image(rng.uniform(40, 60, (70, 90, 30)).astype(np.float32), sagittal_aff, "stir")
+    axial = Image(rng.uniform(40, 60, (60, 60, 12)).astype(np.float32),
+                  np.diag([-0.9, -0.9, 5.0, 1.0]), "t1")
+    iso = Image(axial.array, np.diag([1.0, 1.0, 1.1, 1.0]) @ np.eye(4)[[1, 0, 2, 3]], "t1")
+    assert [acquisition_plane(i.affine) for i in (coronal, sagittal, axial, iso)] == \
+        ["coronal", "sagittal", "axial", "axial"]
+    for img, plane in ((coronal, "coronal"), (sagittal, "sagittal")):
+        w = prepare_inputs({"stir": img}).warnings
+        assert any(f"fluid series defining the label grid was acquired {plane}" in x for x in w)
+    for img in (axial, iso):
+        assert not any("acquired" in x for x in prepare_inputs({"t1": img}).warnings)
+
+
+@pytest.mark.parametrize("fat_on_fluid, with_t1", [(20.0, True), (400.0, True), (400.0, False)])
+def test_a_fluid_series_without_fat_suppression_is_left_out_when_there_is_a_t1(
+        monkeypatch, small_model, fat_on_fluid, with_t1):
+    """The (fake) network calls the left half of the scan subcutaneous fat and the right half
+    gluteus maximus. Fat 4 times as bright as muscle on the fluid series: with a T1 the scan is
+    segmented again without the fluid channel; fluid alone keeps its one pass with a warning;
+    suppressed fat (0.2 times the muscle) changes nothing."""
+    import pipeline.segment as seg_mod
+
+    k = len(LABELS)
+    calls = []
+
+    def fake_logits(net, array, meta, device, bf16=None, mirror=False):
+        calls.append(tuple(bool(a.any()) for a in array))
+        out = torch.full((k, *array.shape[1:]), -10.0)
+        half = array.shape[1] // 2
+        out[LABELS["subcutaneous_fat"], :half] = 10.0
+        out[LABELS["gluteus_maximus"], half:] = 10.0
+        return out
+
+    monkeypatch.setattr(seg_mod, "predict_logits", fake_logits)
+    aff = np.diag([1.0, 1.0, 4.0, 1.0]) @ _translate(-30, -30, -5)
+    x = np.arange(60)[:, None, None] * np.ones((60, 60, 10))
+    fluid = np.where(x < 30, fat_on_fluid, 100.0).astype(np.float32)
+    fluid += np.random.default_rng(2).normal(0, 2, fluid.shape).astype(np.float32)
+    images = {"stir": Image(fluid, aff, "stir")}
+    if with_t1:
+        images["t1"] = Image(np.where(x < 30, 300.0, 100.0).astype(np.float32), aff, "t1")
+    seg = seg_mod.segment(images, small_model, shading=False)
+    assert seg.fluid_fat_ratio == pytest.approx(fat_on_fluid / 100.0, rel=0.05)
+    bright = [w for w in seg.warnings if w.startswith("fat is bright on the fluid series")]
+    if fat_on_fluid < 100:
+        assert calls == [(True, True)] and not bright
+    elif with_t1:
+        assert calls == [(True, True), (True, False)]
+        assert len(bright) == 1 and bright[0].endswith("segmented from the T1 alone")
+    else:
+        assert calls == [(False, True)] and len(bright) == 1 and "less certain" in bright[0]

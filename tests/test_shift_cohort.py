@@ -6,8 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_scripts.shift_cohort import (TISSUE_CLASSES, coil_field, gamma_map, ghost, main, ringing, tissue_contrast,
-                                      tissue_map, world_grid)
+from data_scripts.shift_cohort import (TISSUE_CLASSES, coil_field, fat_unsuppressed, gamma_map, ghost, main, ringing,
+                                      tissue_contrast, tissue_map, world_grid)
 from pipeline.image import Image
 from pipeline.labels import LABELS
 
@@ -114,3 +114,33 @@ def test_tissue_contrast_scales_each_class_on_its_own_grid():
     assert world[35, 35, 3] == pytest.approx(100.0 * drawn["fat"], rel=1e-3)   # changes with the fat
     # muscles share one factor: the QF keeps its signal relative to the gluteus maximus
     assert world[6, 7, 3] == pytest.approx(world[16, 25, 3], rel=1e-3)
+
+
+def test_fat_unsuppressed_brightens_fat_and_fatty_marrow_only():
+    """A fat-suppressed series stored LPS, labels RAS: subcutaneous fat, an unlabelled fat plane
+    and T1-bright marrow reach ``strength`` times the muscle; cortex and muscle keep their signal."""
+    shape = (40, 40, 6)
+    aff = np.diag([1.0, 1.0, 4.0, 1.0])
+    lab = np.zeros(shape, np.uint8)
+    lab[2:10, 2:12] = LABELS["gluteus_maximus"]
+    lab[12:20, 2:12] = LABELS["subcutaneous_fat"]
+    lab[22:32, 2:14] = LABELS["femur"]
+    t1 = np.full(shape, 100.0, np.float32)
+    t1[12:20, 2:12] = 300.0
+    t1[24:30, 4:12] = 290.0                              # marrow; the femur's rim is dark cortex
+    t1[22:32, 2:14][t1[22:32, 2:14] == 100.0] = 10.0
+    t1[32:38, 32:38] = 280.0                             # an unlabelled fat plane
+    fluid = np.full(shape, 100.0, np.float32)
+    fluid[12:20, 2:12] = 20.0                            # suppressed fat
+    fluid[24:30, 4:12] = 15.0                            # suppressed marrow
+    fluid[22:32, 2:14][fluid[22:32, 2:14] == 100.0] = 5.0
+    fluid[32:38, 32:38] = 20.0
+    flip = np.diag([-1.0, -1.0, 4.0, 1.0])
+    flip[:2, 3] = shape[0] - 1, shape[1] - 1
+    img = Image(np.ascontiguousarray(fluid[::-1, ::-1]), flip)
+    out = fat_unsuppressed(img, Image(lab, aff), Image(t1, aff), 4.0, blur_mm=0.3)[::-1, ::-1]
+    assert np.median(out[13:19, 3:11]) == pytest.approx(400.0, rel=0.01)     # fat: 4 x muscle
+    assert out[35, 35, 3] == pytest.approx(400.0, rel=0.01)
+    assert out[27, 8, 3] == pytest.approx(395.0, rel=0.01)                   # marrow, +380 like fat
+    assert out[22, 2, 3] == pytest.approx(5.0, abs=0.5)                      # cortex
+    assert out[5, 6, 3] == pytest.approx(100.0) and out[25, 35, 3] == pytest.approx(100.0)

@@ -98,6 +98,22 @@ def test_edema_grades():
     assert marked["fraction_above_reference"] > 0.99
 
 
+def test_edema_is_not_graded_where_fat_is_not_suppressed():
+    cfg = MeasureConfig()
+    for fat_level, graded in ((40.0, True), (180.0, True), (400.0, False)):
+        img = _fluid(lambda r, n: r.normal(220, 10, n))      # a QF as bright as marked edema
+        img.array[FAT.array] = fat_level
+        out = signal.edema(img, QF, REF, AFF, cfg, fat=FAT)
+        assert out["fat_signal_ratio"] == pytest.approx(fat_level / 100.0, rel=0.02)
+        assert out["signal_ratio"] == pytest.approx(2.2, abs=0.05)     # statistics still given
+        if graded:
+            assert out["grade"] == "marked" and out["reason"] is None
+        else:
+            assert out["grade"] is None and "not suppressed" in out["reason"]
+    # without the fat mask there is no check
+    assert signal.edema(img, QF, REF, AFF, cfg)["fat_signal_ratio"] is None
+
+
 def test_edema_too_few_voxels_gives_reason():
     tiny = _box((10, 10, 2), (12, 12, 3))
     out = signal.edema(_fluid(lambda r, n: r.normal(100, 5, n)), tiny, REF, AFF, MeasureConfig())
