@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import MeasureConfig
 from pipeline.image import Image
 from pipeline.labels import KEY_STRUCTURES, LABELS, label_names
 from pipeline.sides import left_right_pair
@@ -79,10 +80,10 @@ RESEGMENT_PASSES = 2
 SHADING_MIN_PROB = 0.9
 #: A fluid series on which fat is more than this many times as bright as muscle is not
 #: fat-suppressed (or its fat suppression failed): held-out phantoms' T2 fat-sat and STIR
-#: 0.1-1.2 near the QF, an unsuppressed fast spin-echo T2 about 3-5 (see
-#: ``MeasureConfig.fat_suppression_max_ratio``, the same bound for the edema grade). Such a
-#: series is left out of the network's input when a T1 is there (``segment``).
-UNSUPPRESSED_FAT_RATIO = 2.0
+#: 0.1-1.2, an unsuppressed fast spin-echo T2 about 3-5. The measurement's bound for the edema
+#: grade (``MeasureConfig.fat_suppression_max_ratio``). Such a series is left out of the
+#: network's input when a T1 is there (``segment``).
+UNSUPPRESSED_FAT_RATIO = MeasureConfig.fat_suppression_max_ratio
 
 
 @dataclass
@@ -386,13 +387,9 @@ def scan_shading(images: dict[str, Image], probs_w, working_affine: np.ndarray,
     from pipeline.sides import Mask
     from pipeline.signal import SHADING_TISSUES, fit_shading
 
-    p = probs_w.numpy() if hasattr(probs_w, "numpy") else np.asarray(probs_w)
     # every ``stride``-th working voxel along each axis: 2 is enough to detect shading and 8x
     # cheaper; the correction itself is fitted on all of them
-    p = p[:, ::stride, ::stride, ::stride]
-    aff = np.array(working_affine, float)
-    aff[:3, :3] *= float(stride)
-    masks = {n: p[LABELS[n]] > SHADING_MIN_PROB for n in SHADING_TISSUES["t1"]}
+    masks, aff = _confident(probs_w, working_affine, SHADING_TISSUES["t1"], stride)
     muscle = masks["gluteus_maximus"] | masks["other_muscle"]
     if not muscle.any():
         return {}
@@ -408,6 +405,16 @@ def scan_shading(images: dict[str, Image], probs_w, working_affine: np.ndarray,
     return out
 
 
+def _confident(probs_w, working_affine: np.ndarray, names, stride: int) -> tuple[dict, np.ndarray]:
+    """Masks of the voxels given more than ``SHADING_MIN_PROB`` of each structure in ``names``,
+    on every ``stride``-th working voxel, and the affine of that subsampled grid."""
+    p = probs_w.numpy() if hasattr(probs_w, "numpy") else np.asarray(probs_w)
+    p = p[:, ::stride, ::stride, ::stride]
+    aff = np.array(working_affine, float)
+    aff[:3, :3] *= float(stride)
+    return {n: p[LABELS[n]] > SHADING_MIN_PROB for n in names}, aff
+
+
 def fluid_fat_ratio(images: dict[str, Image], probs_w, working_affine: np.ndarray,
                     stride: int = 2) -> float | None:
     """Median signal of the fluid series over the voxels the network is sure are subcutaneous
@@ -421,13 +428,10 @@ def fluid_fat_ratio(images: dict[str, Image], probs_w, working_affine: np.ndarra
     img = pick_image(images, FLUID_KEYS)[1]
     if img is None:
         return None
-    p = probs_w.numpy() if hasattr(probs_w, "numpy") else np.asarray(probs_w)
-    p = p[:, ::stride, ::stride, ::stride]
-    aff = np.array(working_affine, float)
-    aff[:3, :3] *= float(stride)
-    fat = p[LABELS["subcutaneous_fat"]] > SHADING_MIN_PROB
-    muscle = (p[LABELS["gluteus_maximus"]] > SHADING_MIN_PROB) | (p[LABELS["other_muscle"]] > SHADING_MIN_PROB)
-    f = sample_in_mask(img, Mask(np.zeros(3, int), fat), aff)
+    masks, aff = _confident(probs_w, working_affine,
+                            ("subcutaneous_fat", "gluteus_maximus", "other_muscle"), stride)
+    muscle = masks["gluteus_maximus"] | masks["other_muscle"]
+    f = sample_in_mask(img, Mask(np.zeros(3, int), masks["subcutaneous_fat"]), aff)
     m = sample_in_mask(img, Mask(np.zeros(3, int), muscle), aff)
     if min(f.size, m.size) < 100 or np.median(m) <= 0:
         return None
@@ -469,12 +473,12 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
     """
     seg, probs_w, working_affine = _segment_once(images, model, reference, return_probabilities,
                                                  bf16, mirror, partial_coverage)
-    exclude = ()
+    exclude, note = (), None
     t0 = time.perf_counter()
     ratio = fluid_fat_ratio(images, probs_w, working_affine)
-    seg.timings["fat_suppression_check"] = time.perf_counter() - t0
+    check_s = time.perf_counter() - t0
     if ratio is not None and ratio > UNSUPPRESSED_FAT_RATIO:
-        what = (f"fat is bright on the fluid series ({ratio:.1f} times the muscles): not "
+        note = (f"fat is bright on the fluid series ({ratio:.1f} times the muscles): not "
                 "fat-suppressed, or fat suppression failed, unlike the series the network was "
                 "trained on")
         if "t1" in model.channels and images.get("t1") is not None:
@@ -482,12 +486,25 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
             seg, probs_w, working_affine = _segment_once(images, model, reference,
                                                          return_probabilities, bf16, mirror,
                                                          partial_coverage, exclude)
-            seg.warnings.append(f"{what}: segmented from the T1 alone")
+            note += ": segmented from the T1 alone"
         else:
-            seg.warnings.append(f"{what}: the labels are less certain; check the QC picture")
+            note += ": the labels are less certain; check the QC picture"
+    if shading:
+        seg = _shading_pass(seg, probs_w, working_affine, images, model, reference,
+                            return_probabilities, bf16, mirror, partial_coverage, exclude)
+    if note:
+        seg.warnings.append(note)
     seg.fluid_fat_ratio = ratio
-    if not shading:
-        return seg
+    seg.timings["fat_suppression_check"] = check_s
+    return seg
+
+
+def _shading_pass(seg: Segmentation, probs_w, working_affine: np.ndarray,
+                  images: dict[str, Image], model: SegModel, reference: str | None,
+                  return_probabilities: bool, bf16: bool | None, mirror: bool | None,
+                  partial_coverage: bool, exclude) -> Segmentation:
+    """``segment``'s shading check on a pass's output (``scan_shading``), and the corrected
+    passes when the shading is strong; returns the segmentation to keep."""
     t0 = time.perf_counter()
     fits = scan_shading(images, probs_w, working_affine)
     worst = max((f.range_ratio for f in fits.values()), default=1.0)
@@ -520,8 +537,6 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
         first.timings.update(shading=spent, corrected_passes=passes)
         return first
     seg.warnings.append(f"{what}: the images were corrected for it and segmented again")
-    seg.warnings[:0] = [w for w in first.warnings if w.startswith("fat is bright")]
-    seg.fluid_fat_ratio = first.fluid_fat_ratio
     seg.timings.update(shading=spent, first_pass=sum(first.timings.values()))
     seg.shading_corrected = True
     return seg
