@@ -291,6 +291,27 @@ def postprocess(labels: np.ndarray, affine: np.ndarray, only=None) -> tuple[np.n
     return remove, removed
 
 
+def relabel_islands(labels: np.ndarray, scores: np.ndarray, affine: np.ndarray) -> dict[str, int]:
+    """``postprocess`` applied to a label map in place: island voxels take their next best class
+    by ``scores`` (K, *labels.shape), probabilities or log-probabilities, also modified in place:
+    a removed class is set to -inf at those voxels). A second pass catches islands that this
+    relabelling creates (a stray blob's runner-up class may be a landmark far from its bone).
+    Returns the number of voxels removed per class."""
+    removed: dict[str, int] = {}
+    only = None
+    for _ in range(POSTPROCESS_PASSES):
+        remove, removed_now = postprocess(labels, affine, only)
+        if not remove.any():
+            break
+        for k, v in removed_now.items():
+            removed[k] = removed.get(k, 0) + v
+        idx = np.nonzero(remove)
+        scores[(labels[idx], *idx)] = -np.inf       # never this class again for these voxels
+        labels[idx] = scores[(slice(None), *idx)].argmax(axis=0).astype(labels.dtype)
+        only = set(np.unique(labels[idx]).tolist())
+    return removed
+
+
 def input_mode(present: dict[str, bool]) -> str:
     """Name of an input combination, e.g. "t1+fluid", "t1", "fluid" (the channels present, in
     the model's channel order): the key of ``inference.class_offsets``."""
@@ -321,8 +342,10 @@ def reference_probabilities(images: dict[str, Image], model: SegModel, reference
 
     Returns ``(inputs, probs_w, probs_t)``: the ``GridInputs`` (working grid, channels present,
     warnings), the softmax on the working grid (K, *working shape) and on the reference image's
-    original grid (K, *reference shape), both torch float32. The model's class offsets for the
-    input combination are added to the logits first unless ``offsets`` is False.
+    original grid (K, *reference shape), both torch float32. Unless ``offsets`` is False, the
+    model's class offsets for the input combination are then applied on each grid (each class's
+    probability times exp(offset), renormalised), after the blend of partial-coverage passes and
+    the mapping to the reference grid: the model ``pipeline.calibrate`` fits them under.
     ``partial_coverage``: where a series covers only part of the body (``GridInputs.coverage``),
     blend in the network's output without that channel (a second pass); False skips it.
     ``exclude``: channels the network runs without, as if they were missing (their images still
@@ -343,17 +366,14 @@ def reference_probabilities(images: dict[str, Image], model: SegModel, reference
     if mirror is None:
         mirror = bool(meta.get("inference", {}).get("mirror", False))
 
-    def probabilities(array, present):
-        logits = predict_logits(model.net, array, meta, model.device, bf16, mirror)
-        shift = class_offsets(meta, present) if offsets else None
-        if shift is not None:
-            logits = logits + torch.from_numpy(shift)[:, None, None, None]   # may be an inference tensor
-        return torch.softmax(logits, dim=0)
+    def probabilities(array):
+        return torch.softmax(predict_logits(model.net, array, meta, model.device, bf16, mirror),
+                             dim=0)
 
     present = {c: p and c not in exclude for c, p in inputs.present.items()}
     if exclude:
         inputs.array[[inputs.channels.index(c) for c in exclude if c in inputs.channels]] = 0.0
-    probs_w = probabilities(inputs.array, present)
+    probs_w = probabilities(inputs.array)
     # a series covering part of the body is zero beyond it, which the network never saw: there,
     # and ramping in from its edge, use the network's output without that channel
     for c, weight in (inputs.coverage.items() if partial_coverage else ()):
@@ -363,13 +383,23 @@ def reference_probabilities(images: dict[str, Image], model: SegModel, reference
                                "network without it")
         without = inputs.array.copy()
         without[inputs.channels.index(c)] = 0.0
-        alone = probabilities(without, {**present, c: False})
+        alone = probabilities(without)
         w = torch.from_numpy(weight)[None]
         probs_w = w * probs_w + (1.0 - w) * alone
     timings["network"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     probs_t = inputs.grid.to_reference(probs_w, as_tensor=True)    # (K, *ref_shape)
+    shift = class_offsets(meta, present) if offsets else None
+    if shift is not None:
+        # on each grid, after the mapping between them: the labels are then exactly those
+        # ``pipeline.calibrate`` fitted the offsets on (log-probabilities on the label grid +
+        # offsets); on the working grid this equals adding the offsets to the logits
+        weights = torch.from_numpy(np.exp(shift).astype(np.float32))[:, None, None, None]
+        probs_w = probs_w * weights
+        probs_w /= probs_w.sum(dim=0, keepdim=True)
+        probs_t *= weights
+        probs_t /= probs_t.sum(dim=0, keepdim=True)
     timings["postprocess"] = time.perf_counter() - t0
     return inputs, probs_w, probs_t
 
@@ -566,20 +596,7 @@ def _segment_once(images: dict[str, Image], model: SegModel, reference: str | No
     # reference grid (0.08 against 0.4-0.7 s for 11 x 320 x 320 x 40 on 2 cores)
     labels = torch.max(probs_t, dim=0).indices.to(torch.uint8).numpy()
     probs = probs_t.numpy()
-    removed: dict[str, int] = {}
-    # Islands take their next most probable class; a second pass catches islands that this
-    # relabelling creates (a stray blob's runner-up class may be a landmark far from its bone).
-    only = None
-    for _ in range(POSTPROCESS_PASSES):
-        remove, removed_now = postprocess(labels, grid.ref_affine, only)
-        if not remove.any():
-            break
-        for k, v in removed_now.items():
-            removed[k] = removed.get(k, 0) + v
-        idx = np.nonzero(remove)
-        probs[(labels[idx], *idx)] = -1.0          # never this class again for these voxels
-        labels[idx] = probs[(slice(None), *idx)].argmax(axis=0).astype(np.uint8)
-        only = set(np.unique(labels[idx]).tolist())
+    removed = relabel_islands(labels, probs, grid.ref_affine)
     names = label_names()
     confidence: dict[str, float] = {}
     flat_lab = labels.ravel()

@@ -8,8 +8,11 @@ import numpy as np
 import torch
 
 from models.bundle import default_metadata, model_from_metadata, save_bundle
-from pipeline.calibrate import CALIBRATED, CalibrationCase, case_dice, fit_offsets, main
+from pipeline.calibrate import (CALIBRATED, CalibrationCase, case_dice, case_labels, fit_offsets,
+                                main, measurement_case, measurement_error, refine_on_measurements,
+                                truth_measurements)
 from pipeline.labels import LABELS
+from tests.analytic_hips import labels_image
 
 
 def _biased_case(bias: float, n: int = 4000, seed: int = 0) -> CalibrationCase:
@@ -76,6 +79,7 @@ def test_calibrate_writes_offsets_per_input_combination(tmp_path):
     assert all(set(v) == set(CALIBRATED) for v in offsets.values())
     rec = out["calibration"]["modes"]["t1"]
     assert rec["n_cases"] == 2 and rec["mean_dice_after"] >= rec["mean_dice_before"]
+    assert "measurement_mae_before" not in rec         # boxes, no hips: the Dice fit alone
     from safetensors.torch import load_file
 
     a, b = load_file(str(tmp_path / "m.safetensors")), load_file(str(tmp_path / "cal.safetensors"))
@@ -88,3 +92,86 @@ def test_calibrate_writes_offsets_per_input_combination(tmp_path):
     assert set(inplace["inference"]["class_offsets"]) == {"t1"}
     assert inplace["calibration"]["description"] == "two boxes"
     assert main(["--model", str(tmp_path / "absent.safetensors"), "--data", str(tmp_path)]) == 2
+
+
+def _thick_network(lab: np.ndarray, affine: np.ndarray, bias: float) -> np.ndarray:
+    """A stand-in network's softmax for an annotated label map: each class's logit is half its
+    signed distance (mm, positive inside), and the four structures that bound the IFS and QFS get
+    ``bias`` more, so each is drawn ``bias`` mm too thick all round (to the voxel)."""
+    from scipy import ndimage
+
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    logits = np.full((len(LABELS), *lab.shape), -20.0, np.float32)
+    for name, v in LABELS.items():
+        inside = lab == v
+        if inside.any():
+            logits[v] = 0.5 * (ndimage.distance_transform_edt(inside, spacing)
+                               - ndimage.distance_transform_edt(~inside, spacing))
+    for name in ("lesser_trochanter", "ischial_tuberosity", "hamstring_tendon", "iliopsoas_tendon"):
+        logits[LABELS[name]] += bias
+    return torch.softmax(torch.from_numpy(logits), 0).numpy()
+
+
+def test_measurement_stage_undoes_structures_drawn_too_thick():
+    """Bones and tendons drawn 1.6 mm too thick make the IFS and QFS too short; the measurement
+    stage finds negative shifts for both groups that bring the errors down, on LPS-stored hips,
+    and a forked pool of 2 gives the same answer as one process."""
+    lab, _ = labels_image((1.0, 1.0, 3.0), flips=(True, True, False))
+    truth = truth_measurements(lab)
+    assert set(truth) == {"left", "right"}
+    assert truth["left"]["ifs_mm"] < truth["right"]["ifs_mm"]      # 12 and 20 mm, by design
+    probs = _thick_network(lab.array, lab.affine, bias=1.6)
+    case = measurement_case("s", "t1", probs, lab.affine, None, truth)
+    zero = {n: 0.0 for n in CALIBRATED}
+    np.testing.assert_array_equal(case_labels(case, np.zeros(len(LABELS), np.float32)),
+                                  probs.argmax(0))
+    values = np.array([-1.6, -0.8, 0.0, 0.8])
+    refined, shifts, before, after = refine_on_measurements([case], zero, values=values, sweeps=1)
+    assert before > 1.0 and after < before - 0.5
+    assert shifts["lesser_trochanter"] <= -0.8 and shifts["hamstring_tendon"] <= -0.8
+    assert refined["ischial_tuberosity"] == shifts["lesser_trochanter"]
+    assert refined["iliopsoas_tendon"] == shifts["hamstring_tendon"]
+    assert refined["quadratus_femoris"] == 0.0
+    vec = np.zeros(len(LABELS), np.float32)
+    for name, v in refined.items():
+        vec[LABELS[name]] = v
+    assert measurement_error([case], vec) == after
+    assert refine_on_measurements([case, case], zero, values=values, sweeps=1, workers=2)[1] == shifts
+    # a network that is right needs no shift
+    exact = measurement_case("s", "t1", _thick_network(lab.array, lab.affine, 0.0), lab.affine,
+                             None, truth)
+    assert refine_on_measurements([exact], zero, values=values, sweeps=1)[1] == {
+        "lesser_trochanter": 0.0, "hamstring_tendon": 0.0}
+
+
+def test_segment_applies_offsets_as_the_calibration_models_them(monkeypatch):
+    """The labels ``segment`` draws with class offsets are the ones the calibration scores for
+    them (offsets applied to the probabilities mapped to the label grid), on an oblique T1 whose
+    grid is not the working grid."""
+    import pipeline.segment as seg_mod
+    from pipeline.image import Image
+    from pipeline.segment import SegModel, reference_probabilities
+
+    k = len(LABELS)
+
+    def fake_logits(net, array, meta, device, bf16=None, mirror=False):
+        g = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in array.shape[1:]], indexing="ij")
+        out = torch.stack([3.0 * torch.sin(2.5 * (c + 1) * g[0] + 1.7 * c * g[1] + c) + 0.5 * g[2]
+                           for c in range(k)])
+        return out
+
+    monkeypatch.setattr(seg_mod, "predict_logits", fake_logits)
+    meta = default_metadata()
+    meta["inference"] = dict(meta.get("inference", {}), mirror=False, class_offsets={
+        "t1": {"lesser_trochanter": -0.7, "hamstring_tendon": 0.9, "quadratus_femoris": -0.3}})
+    model = SegModel(None, meta, torch.device("cpu"))
+    rot = np.array([[np.cos(0.3), -np.sin(0.3), 0], [np.sin(0.3), np.cos(0.3), 0], [0, 0, 1]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([-0.7, -0.7, 4.5])
+    img = Image(np.random.default_rng(0).random((60, 50, 9)).astype(np.float32) * 300, aff, "t1")
+    labels = seg_mod.segment({"t1": img}, model, shading=False).labels.array
+    _, _, raw = reference_probabilities({"t1": img}, model, offsets=False)
+    vec = seg_mod.class_offsets(meta, {"t1": True, "fluid": False})
+    case = measurement_case("s", "t1", raw.numpy(), aff, None, {})
+    assert (case_labels(case, vec) == labels).mean() > 0.999
+    assert (case_labels(case, np.zeros(k, np.float32)) == labels).mean() < 0.98   # offsets matter
