@@ -3,11 +3,12 @@
 A network trained with a Dice loss tends to draw small structures too large or too small by a
 constant margin (the bundled model, before calibration: lesser trochanter volume 1.28 x the
 truth's on held-out phantoms, quadratus femoris 1.09 x). Adding one constant per class to the
-logits before the softmax moves that class's boundary everywhere at once. The offsets of the
+network's log-probabilities moves that class's boundary everywhere at once. The offsets of the
 structures the measurements use (``CALIBRATED``) are fitted, for each input combination (T1 +
 fluid, T1 only, fluid only), by coordinate search maximising the mean Dice of those structures
 over annotated scans the network did not train on; they are written into the model metadata
-(``inference.class_offsets``) and ``pipeline.segment`` applies them.
+(``inference.class_offsets``) and ``pipeline.segment`` applies them where they are scored here:
+to the log-probabilities on the label grid, after the mapping from the network's working grid.
 
 Dice is not quite what the measurements need: it weighs a structure's whole outline, while the
 IFS and QFS are read where two structures face each other, and it is scored before the
@@ -21,7 +22,8 @@ is kept (ties go to no shift). It needs at least ``MIN_REFINE_HIPS`` hips measur
 annotations. The record in ``meta["calibration"]`` gives the error and the Dice before and after.
 
     python -m pipeline.calibrate --model RUN/best.safetensors --data CALIBRATION_COHORT \\
-        [--modes t1+fluid,t1,fluid] [--limit N] [--out NEW_BUNDLE] [--no-measurements]
+        [--modes t1+fluid,t1,fluid] [--limit N] [--out NEW_BUNDLE] [--no-measurements] \\
+        [--workers N]
 
 ``--data`` takes the layout ``train.py`` reads (a cohort folder with ``cohort.csv``, or a CSV of
 image and label paths). Without ``--out`` the bundle's JSON is rewritten in place (the weights
@@ -136,15 +138,15 @@ def _network_crop(rec: dict, model, mode: str, margin_mm: float):
     return probs_t.numpy(), truth, box, np.asarray(grid.ref_affine, float)
 
 
-def _dice_case(subject: str, mode: str, probs: np.ndarray, truth: np.ndarray, box: tuple,
-               open_margin: float | None = None) -> CalibrationCase:
+def _dice_case(subject: str, mode: str, probs: np.ndarray, truth: np.ndarray,
+               box: tuple) -> CalibrationCase:
     """The ``CalibrationCase`` of one scan from the network's softmax over its box."""
     p = probs[(slice(None), *box)].reshape(probs.shape[0], -1)
     t = truth[box].ravel().astype(np.int64)
     logp = np.log(np.maximum(p, 1e-8))
     k = logp.shape[0]
     top2 = np.partition(logp, k - 2, axis=0)[k - 2:]
-    span = float(SEARCH_VALUES.max() - SEARCH_VALUES.min()) if open_margin is None else open_margin
+    span = float(SEARCH_VALUES.max() - SEARCH_VALUES.min())
     open_ = (top2[1] - top2[0]) <= span
     pred = logp.argmax(0)
     fixed = ~open_
@@ -181,18 +183,6 @@ def measurement_case(subject: str, mode: str, probs: np.ndarray, affine: np.ndar
     logp = np.log(np.maximum(probs[(slice(None), *box)], 1e-8)).astype(np.float16)
     return MeasurementCase(subject, mode, np.asarray(affine, float), box, logp,
                            top2.astype(np.uint8), truth)
-
-
-def collect_case(rec: dict, model, mode: str, margin_mm: float = MARGIN_MM,
-                 open_margin: float | None = None) -> CalibrationCase | None:
-    """Run the network (without offsets) on one subject in one input combination and keep what
-    the fit needs; None when the subject lacks an image of that combination or the calibrated
-    structures."""
-    crop = _network_crop(rec, model, mode, margin_mm)
-    if crop is None:
-        return None
-    probs, truth, box, _ = crop
-    return _dice_case(rec["subject"], mode, probs, truth, box, open_margin)
 
 
 def case_labels(case: MeasurementCase, offsets: np.ndarray) -> np.ndarray:
