@@ -103,7 +103,7 @@ def test_demo(tmp_path, model):
     # end to end with each bundled network: the example's left hip is the narrowed one (truth.json:
     # 13.5 vs 20.4 mm); a side swap (errors of ~7 mm, wrong order) or a broken model would show
     # here. The tolerance is a sanity bound, not an accuracy claim (the default network measures
-    # 13.8 and 20.0 mm, the extended one 13.5 and 20.6 mm: benchmarks/segmentation_accuracy.py
+    # 13.8 and 20.0 mm, the extended one 13.5 and 20.4 mm: benchmarks/segmentation_accuracy.py
     # has the cohort figures).
     truth = json.loads((REPO / "data_scripts" / "example" / "truth.json").read_text())["hips"]
     for side in ("left", "right"):
