@@ -262,7 +262,6 @@ def refine_on_measurements(cases: list[MeasurementCase], offsets: dict[str, floa
     base = np.zeros(k, np.float32)
     for name, v in offsets.items():
         base[LABELS[name]] = v
-    shifts = np.zeros(len(groups))
 
     def vector(sh):
         vec = base.copy()
@@ -272,42 +271,26 @@ def refine_on_measurements(cases: list[MeasurementCase], offsets: dict[str, floa
         return vec
 
     pool = _worker_pool(cases, min(workers, len(cases)))
+    seen: dict[tuple, float] = {}
+
+    def score(x):                       # minus the error; each candidate is measured once
+        key = tuple(np.round(x, 3))
+        if key not in seen:
+            seen[key] = measurement_error(cases, vector(x), pool)
+            if log:
+                named = {g[0]: round(float(d), 2) + 0.0 for g, d in zip(groups, x)}
+                log(f"    shifts {named}: {seen[key]:.3f} mm")
+        return -seen[key]
+
     try:
-        (before, after), shifts = _coordinate_search(cases, vector, shifts, values, sweeps, pool,
-                                                     groups, log)
+        shifts, before, after = coordinate_search(score, len(groups), values, sweeps)
     finally:
         if pool is not None:
             pool.terminate()
     refined = {n: round(float(offsets.get(n, 0.0)) + float(d), 2) + 0.0
                for g, d in zip(groups, shifts) for n in g}
     return ({**offsets, **refined},
-            {g[0]: round(float(d), 2) + 0.0 for g, d in zip(groups, shifts)}, before, after)
-
-
-def _coordinate_search(cases, vector, shifts, values, sweeps, pool, groups, log):
-    """``refine_on_measurements``' search; returns ((error before, error after), shifts)."""
-    before = best = measurement_error(cases, vector(shifts), pool)
-    order = np.argsort(np.abs(values), kind="stable")
-    seen = {tuple(shifts): best}
-    for _ in range(sweeps):
-        changed = False
-        for gi in range(len(groups)):
-            current = shifts[gi]
-            for v in values[order]:
-                trial = shifts.copy()
-                trial[gi] = v
-                key = tuple(np.round(trial, 3))
-                if key not in seen:
-                    seen[key] = measurement_error(cases, vector(trial), pool)
-                    if log:
-                        named = {g[0]: round(float(d), 2) + 0.0 for g, d in zip(groups, trial)}
-                        log(f"    shifts {named}: {seen[key]:.3f} mm")
-                if seen[key] < best - 1e-9:
-                    best, current, changed = seen[key], v, True
-            shifts[gi] = current
-        if not changed:
-            break
-    return (before, best), shifts
+            {g[0]: round(float(d), 2) + 0.0 for g, d in zip(groups, shifts)}, -before, -after)
 
 
 def case_dice(case: CalibrationCase, offsets: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -327,29 +310,43 @@ def mean_dice(cases: list[CalibrationCase], offsets: np.ndarray, classes: np.nda
     return float(np.nanmean([np.nanmean(case_dice(c, offsets, classes)) for c in cases]))
 
 
+def coordinate_search(score, n: int, values, sweeps: int) -> tuple[np.ndarray, float, float]:
+    """Maximise ``score(x)`` over ``x`` in ``values`` ** n, one coordinate at a time from x = 0:
+    each coordinate tries the values nearest 0 first and takes one only if it scores strictly
+    better (so ties go to the value nearest 0); stops after ``sweeps`` sweeps or one without a
+    change. Returns (x, score at 0, best score)."""
+    x = np.zeros(n)
+    before = best = score(x)
+    order = np.argsort(np.abs(values), kind="stable")
+    for _ in range(sweeps):
+        changed = False
+        for i in range(n):
+            current = x[i]
+            for v in values[order]:
+                x[i] = v
+                d = score(x)
+                if d > best + 1e-9:
+                    best, current, changed = d, v, True
+            x[i] = current
+        if not changed:
+            break
+    return x, before, best
+
+
 def fit_offsets(cases: list[CalibrationCase], classes=CALIBRATED, values=SEARCH_VALUES,
                 sweeps: int = SWEEPS) -> tuple[dict[str, float], float, float]:
     """Coordinate search of one logit offset per class (others 0) maximising ``mean_dice``; ties
     go to the offset nearest 0. Returns ({class: offset}, Dice before, Dice after)."""
     k = cases[0].logp.shape[0]
     idx = np.array([LABELS[n] for n in classes])
-    off = np.zeros(k, np.float32)
-    before = best = mean_dice(cases, off, idx)
-    order = np.argsort(np.abs(values), kind="stable")
-    for _ in range(sweeps):
-        changed = False
-        for c in idx:
-            current = off[c]
-            for v in values[order]:
-                off[c] = v
-                d = mean_dice(cases, off, idx)
-                if d > best + 1e-9:
-                    best, current, changed = d, v, True
-            off[c] = current
-        if not changed:
-            break
-    names = {v: n for n, v in LABELS.items()}
-    return {names[int(c)]: round(float(off[c]), 2) for c in idx}, before, best
+
+    def score(x):
+        off = np.zeros(k, np.float32)
+        off[idx] = x
+        return mean_dice(cases, off, idx)
+
+    x, before, best = coordinate_search(score, len(idx), values, sweeps)
+    return {n: round(float(np.float32(v)), 2) for n, v in zip(classes, x)}, before, best
 
 
 def calibrate(model_path: str | Path, data: str | Path, modes=MODES, limit: int | None = None,
