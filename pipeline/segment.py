@@ -293,10 +293,10 @@ def postprocess(labels: np.ndarray, affine: np.ndarray, only=None) -> tuple[np.n
 
 def relabel_islands(labels: np.ndarray, scores: np.ndarray, affine: np.ndarray) -> dict[str, int]:
     """``postprocess`` applied to a label map in place: island voxels take their next best class
-    by ``scores`` (K, *labels.shape), probabilities or log-probabilities, also modified in place:
-    a removed class is set to -inf at those voxels). A second pass catches islands that this
-    relabelling creates (a stray blob's runner-up class may be a landmark far from its bone).
-    Returns the number of voxels removed per class."""
+    by ``scores`` (K, *labels.shape; probabilities or log-probabilities), which is modified in
+    place too (a removed class is set to -inf at those voxels). A second pass catches islands
+    that this relabelling creates (a stray blob's runner-up class may be a landmark far from its
+    bone). Returns the number of voxels removed per class."""
     removed: dict[str, int] = {}
     only = None
     for _ in range(POSTPROCESS_PASSES):
@@ -396,7 +396,7 @@ def reference_probabilities(images: dict[str, Image], model: SegModel, reference
         # ``pipeline.calibrate`` fitted the offsets on (log-probabilities on the label grid +
         # offsets); on the working grid this equals adding the offsets to the logits
         weights = torch.from_numpy(np.exp(shift).astype(np.float32))[:, None, None, None]
-        probs_w = probs_w * weights
+        probs_w = probs_w * weights                 # a new tensor: the network's may be read-only
         probs_w /= probs_w.sum(dim=0, keepdim=True)
         probs_t *= weights
         probs_t /= probs_t.sum(dim=0, keepdim=True)
