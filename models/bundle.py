@@ -55,8 +55,9 @@ def default_metadata(**overrides) -> dict:
         # bf16 autocast: same Dice to 0.001 as float32 in our check, 1.2-1.5x faster, less memory.
         "inference": {"mode": "auto", "max_whole_voxels": 8_000_000, "max_whole_voxels_fp32": 4_500_000,
                       "roi_size": [224, 224, 48], "overlap": 0.25, "bf16": True,
-                      # left-right mirror test-time augmentation (pipeline.segment.predict_logits)
-                      "mirror": False},
+                      # left-right mirror test-time augmentation around the measured structures
+                      # (pipeline.segment.predict_logits; "full": the whole grid, False: none)
+                      "mirror": True},
         "training": {},
         "metrics": {},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

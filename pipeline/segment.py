@@ -84,6 +84,12 @@ SHADING_MIN_PROB = 0.9
 #: grade (``MeasureConfig.fat_suppression_max_ratio``). Such a series is left out of the
 #: network's input when a T1 is there (``segment``).
 UNSUPPRESSED_FAT_RATIO = MeasureConfig.fat_suppression_max_ratio
+#: The mirror test-time pass covers the measured structures (``MIRROR_CLASSES``, as the first pass
+#: labels them) plus this margin (working-grid voxels along each axis): the network was trained on
+#: 128 x 128 x 16 patches, and the margin keeps the crop's edges, where it sees zero padding instead
+#: of the body, away from them; the mirrored logits fade in across it.
+MIRROR_CLASSES = KEY_STRUCTURES + ("iliopsoas_tendon",)
+MIRROR_MARGIN_VOXELS = (24, 24, 4)
 
 
 @dataclass
@@ -147,20 +153,32 @@ def load_model(path: str | Path | None = None, device: str = "auto") -> SegModel
 
 
 def predict_logits(net, array: np.ndarray, meta: dict, device, bf16: bool | None = None,
-                   mirror: bool = False):
+                   mirror: bool | str = False):
     """Run the network on a (C, X, Y, Z) working-grid array; returns (K, X, Y, Z) float32 logits (torch).
 
     Input padded to the network's size divisor. ``meta["inference"]["mode"]``: "whole" (one pass),
     "sliding_window" (MONAI, ``roi_size``/``overlap``) or "auto" (whole up to ``max_whole_voxels``).
     ``mirror``: test-time augmentation, the mean of the logits of the array and of its left-right
     mirror image (axis 0 of the working grid is the reoriented left-right axis; the classes are
-    side-agnostic and training mirrored along it), at twice the network time.
+    side-agnostic and training mirrored along it). With True the mirrored pass covers only the
+    boxes around the measured structures that the plain pass finds (``mirror_boxes``), so it adds
+    a fraction of the network time, and elsewhere the plain logits stand; with "full" it covers
+    the whole array (twice the network time).
     """
+    import torch
+
     if mirror:
         plain = predict_logits(net, array, meta, device, bf16)
-        flipped = predict_logits(net, np.ascontiguousarray(array[:, ::-1]), meta, device, bf16)
-        return 0.5 * (plain + flipped.flip(1))
-    import torch
+        boxes = ([((slice(None),) * 3, np.ones(array.shape[1:], np.float32))] if mirror == "full"
+                 else mirror_boxes(plain.argmax(0).numpy(), meta))
+        for box, weight in boxes:
+            crop = np.ascontiguousarray(array[(slice(None), *box)][:, ::-1])
+            flipped = predict_logits(net, crop, meta, device, bf16).flip(1)
+            w = torch.from_numpy(0.5 * weight)
+            with torch.inference_mode():      # the logits are inference tensors
+                region = plain[(slice(None), *box)]
+                plain[(slice(None), *box)] = region * (1.0 - w) + flipped * w
+        return plain
     from monai.inferers import sliding_window_inference
 
     from models.net import bf16_native, divisor, memory_layout
@@ -191,6 +209,44 @@ def predict_logits(net, array: np.ndarray, meta: dict, device, bf16: bool | None
             out = sliding_window_inference(x, tuple(int(r) for r in roi), 1, net,
                                            overlap=float(inf.get("overlap", 0.25)), mode="gaussian")
     out = out.float()[0, :, : shape[0], : shape[1], : shape[2]].cpu()
+    return out
+
+
+def mirror_boxes(labels: np.ndarray, meta: dict, margin=MIRROR_MARGIN_VOXELS) -> list:
+    """Working-grid boxes for the mirror test-time pass: one per run of left-right columns that
+    holds ``MIRROR_CLASSES`` (one per hip in view, or one over both where they run together),
+    each spanning those structures plus ``margin`` voxels, with a weight (box shape, 0..1) that
+    ramps from 0 at the box's cut edges to 1 at the margin's inner edge (a box edge at the
+    array's border is no cut: full weight there). Returns [(slices, weight float32)]."""
+    from models.net import divisor
+
+    div = np.asarray(divisor(meta["architecture"]), int)
+    ids = [int(meta["labels"][n]) for n in MIRROR_CLASSES if n in meta["labels"]]
+    mask = np.isin(labels, ids)
+    if not mask.any():
+        return []
+    shape, margin = np.asarray(labels.shape), np.asarray(margin, int)
+    cols = np.flatnonzero(mask.any(axis=(1, 2)))
+    runs = np.split(cols, np.flatnonzero(np.diff(cols) > 2 * margin[0]) + 1)
+    out = []
+    for run in runs:
+        sub = mask[run[0]: run[-1] + 1]
+        lo = np.array([run[0], *(np.flatnonzero(sub.any(axis=a))[0] for a in ((0, 2), (0, 1)))])
+        hi = np.array([run[-1], *(np.flatnonzero(sub.any(axis=a))[-1] for a in ((0, 2), (0, 1)))]) + 1
+        start, stop = np.maximum(lo - margin, 0), np.minimum(hi + margin, shape)
+        # on the network's stride lattice of the whole array (its mirror image along axis 0), so
+        # that the crop sees the voxels the same way a pass over the whole array would
+        start[1:] -= start[1:] % div[1:]
+        stop[0] += (shape[0] - stop[0]) % div[0]
+        ramps = []
+        for a in range(3):
+            n, m = int(stop[a] - start[a]), max(int(margin[a]), 1)
+            pos = np.arange(n, dtype=np.float32)
+            up = np.ones(n, np.float32) if start[a] == 0 else np.minimum((pos + 1) / m, 1.0)
+            down = np.ones(n, np.float32) if stop[a] == shape[a] else np.minimum((n - pos) / m, 1.0)
+            ramps.append(np.minimum(up, down))
+        weight = ramps[0][:, None, None] * ramps[1][None, :, None] * ramps[2][None, None, :]
+        out.append((tuple(slice(int(a), int(b)) for a, b in zip(start, stop)), weight.astype(np.float32)))
     return out
 
 
@@ -335,7 +391,7 @@ def class_offsets(meta: dict, present: dict[str, bool]) -> np.ndarray | None:
 
 
 def reference_probabilities(images: dict[str, Image], model: SegModel, reference: str | None = None,
-                            bf16: bool | None = None, mirror: bool | None = None,
+                            bf16: bool | None = None, mirror: bool | str | None = None,
                             offsets: bool = True, timings: dict | None = None,
                             partial_coverage: bool = True, exclude=()):
     """The network's class probabilities for a scan, before post-processing.
@@ -364,7 +420,7 @@ def reference_probabilities(images: dict[str, Image], model: SegModel, reference
 
     t0 = time.perf_counter()
     if mirror is None:
-        mirror = bool(meta.get("inference", {}).get("mirror", False))
+        mirror = meta.get("inference", {}).get("mirror", False)
 
     def probabilities(array):
         return torch.softmax(predict_logits(model.net, array, meta, model.device, bf16, mirror),
@@ -480,7 +536,7 @@ def _unshaded(img: Image, shading) -> Image:
 
 def segment(images: dict[str, Image], model: SegModel, reference: str | None = None,
             return_probabilities: bool = False, bf16: bool | None = None,
-            mirror: bool | None = None, shading: bool = True,
+            mirror: bool | str | None = None, shading: bool = True,
             partial_coverage: bool = True) -> Segmentation:
     """Segment the hip structures; see the module docstring.
 
@@ -491,8 +547,9 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
         reference: the image whose grid the labels are returned on (default "t1" if present).
         return_probabilities: keep the softmax on the working grid in the result.
         bf16: bfloat16 autocast (default: the model metadata's choice).
-        mirror: left-right mirror test-time augmentation (``predict_logits``), twice the network
-            time (default: the model metadata's ``inference.mirror``).
+        mirror: left-right mirror test-time augmentation (``predict_logits``: True around the
+            measured structures, "full" over the whole grid; default: the model metadata's
+            ``inference.mirror``).
         shading: after the first pass, fit each input's intensity shading on the network's muscle
             (and T1 fat) outlines (``scan_shading``); when the strongest exceeds
             ``RESEGMENT_SHADING_RATIO`` (surface coils without intensity normalisation, which the

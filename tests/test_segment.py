@@ -148,15 +148,16 @@ def test_segment_returns_labels_on_reference_grid(small_model, inputs):
 
 
 def test_mirror_tta_is_left_right_equivariant(small_model):
-    """Mirror test-time augmentation: mirroring the input mirrors the output exactly, also for a
-    grid that needs padding (odd sizes); the plain pass is not equivariant, so this can fail."""
+    """Mirror test-time augmentation over the whole grid: mirroring the input mirrors the output
+    exactly, also for a grid that needs padding (odd sizes); the plain pass is not equivariant,
+    so this can fail."""
     from pipeline.segment import predict_logits
 
     x = np.random.default_rng(5).random((2, 37, 30, 7)).astype(np.float32)
     xm = np.ascontiguousarray(x[:, ::-1])
     m = small_model
-    tta = predict_logits(m.net, x, m.meta, m.device, bf16=False, mirror=True)
-    tta_m = predict_logits(m.net, xm, m.meta, m.device, bf16=False, mirror=True)
+    tta = predict_logits(m.net, x, m.meta, m.device, bf16=False, mirror="full")
+    tta_m = predict_logits(m.net, xm, m.meta, m.device, bf16=False, mirror="full")
     assert tta.shape == (len(LABELS), 37, 30, 7)
     torch.testing.assert_close(tta_m, tta.flip(1), atol=1e-5, rtol=1e-5)
     plain = predict_logits(m.net, x, m.meta, m.device, bf16=False)
@@ -164,6 +165,48 @@ def test_mirror_tta_is_left_right_equivariant(small_model):
     assert not torch.allclose(plain_m, plain.flip(1), atol=1e-3)
     torch.testing.assert_close(tta, 0.5 * (plain + plain_m.flip(1)))
 
+
+
+def test_mirror_pass_around_the_measured_structures_matches_the_whole_grid_pass(small_model):
+    """The default mirror pass covers a box around each hip's measured structures (two hips: two
+    boxes, on the network's stride lattice). With a network that sees one voxel around each
+    voxel, the crop's zero padding cannot reach inside the margin: there the result equals the
+    mirror pass over the whole grid, and outside the boxes it is the plain pass."""
+    from models.net import divisor
+    from pipeline.segment import MIRROR_CLASSES, MIRROR_MARGIN_VOXELS, mirror_boxes, predict_logits
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(2, len(LABELS), 3, padding=1).eval()
+    with torch.no_grad():      # QF where channel 0 is bright; the rest random, not mirror-symmetric
+        for name in MIRROR_CLASSES:
+            net.bias[LABELS[name]] = -10.0
+        net.weight[LABELS["quadratus_femoris"]] = 0.0
+        net.weight[LABELS["quadratus_femoris"], 0, 1, 1, 1] = 20.0
+        net.bias[LABELS["quadratus_femoris"]] = -10.0
+    rng = np.random.default_rng(3)
+    x = (0.3 * rng.random((2, 150, 70, 20))).astype(np.float32)
+    x[0, 30:40, 30:42, 8:12] = x[0, 105:118, 28:40, 9:13] = 1.0       # a "hip" on each side
+    meta = small_model.meta
+    plain = predict_logits(net, x, meta, torch.device("cpu"), bf16=False)
+    full = predict_logits(net, x, meta, torch.device("cpu"), bf16=False, mirror="full")
+    region = predict_logits(net, x, meta, torch.device("cpu"), bf16=False, mirror=True)
+    boxes = mirror_boxes(plain.argmax(0).numpy(), meta)
+    assert len(boxes) == 2
+    div, margin = np.asarray(divisor(meta["architecture"])), np.asarray(MIRROR_MARGIN_VOXELS)
+    inside = np.zeros(x.shape[1:], bool)
+    for (bi, bj, bk), weight in boxes:
+        assert bj.start % div[1] == 0 and bk.start % div[2] == 0 and (150 - bi.stop) % div[0] == 0
+        assert weight.shape == (bi.stop - bi.start, bj.stop - bj.start, bk.stop - bk.start)
+        assert weight.min() < 0.1 and weight.max() == 1.0
+        core = np.zeros_like(inside)
+        core[bi, bj, bk] = weight == 1.0
+        inside[bi, bj, bk] = True
+        torch.testing.assert_close(region[:, core], full[:, core], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(plain[:, core], full[:, core], atol=1e-3)
+    hips = x[0] == 1.0
+    lo = np.argwhere(hips).min(0)
+    assert inside[tuple(np.maximum(lo - margin, 0))]
+    torch.testing.assert_close(region[:, ~inside], plain[:, ~inside])
 
 
 def test_channels_last_layout_gives_the_plain_layouts_logits(small_model):
