@@ -272,9 +272,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="CSV of per-subject/side results")
     ap.add_argument("--bf16", choices=["model", "on", "off"], default="model",
                     help="bfloat16 autocast at inference (default: the model metadata's choice)")
-    ap.add_argument("--mirror-tta", choices=["model", "on", "off"], default="model",
-                    help="left-right mirror test-time augmentation, twice the network time "
-                         "(default: the model metadata's choice)")
+    ap.add_argument("--mirror-tta", choices=["model", "on", "off", "full"], default="model",
+                    help="left-right mirror test-time augmentation: on around the measured "
+                         "structures, full over the whole grid (default: the model metadata's choice)")
     ap.add_argument("--partial-coverage", choices=["on", "off"], default="on",
                     help="where the second series covers only part of the body, take the labels "
                          "there from a pass without it (segment(partial_coverage=...))")
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     rows = []
     for i, row in enumerate(subjects):
         bf16 = None if a.bf16 == "model" else a.bf16 == "on"
-        mirror = None if a.mirror_tta == "model" else a.mirror_tta == "on"
+        mirror = {"model": None, "on": True, "off": False, "full": "full"}[a.mirror_tta]
         rows.extend(evaluate_subject(row, cohort, model, modes, a.truth_labels, bf16, mirror, a.dixon,
                                      config, a.resegment_shading == "on", a.partial_coverage == "on"))
         print(f"[{i + 1}/{len(subjects)}] {row['subject']}", file=sys.stderr)
