@@ -225,14 +225,16 @@ def mirror_boxes(labels: np.ndarray, meta: dict, margin=MIRROR_MARGIN_VOXELS) ->
     mask = np.isin(labels, ids)
     if not mask.any():
         return []
+    from scipy import ndimage
+
     shape, margin = np.asarray(labels.shape), np.asarray(margin, int)
     cols = np.flatnonzero(mask.any(axis=(1, 2)))
-    runs = np.split(cols, np.flatnonzero(np.diff(cols) > 2 * margin[0]) + 1)
+    run_of_column = np.zeros(shape[0], np.int32)
+    for r, run in enumerate(np.split(cols, np.flatnonzero(np.diff(cols) > 2 * margin[0]) + 1), 1):
+        run_of_column[run[0]: run[-1] + 1] = r
     out = []
-    for run in runs:
-        sub = mask[run[0]: run[-1] + 1]
-        lo = np.array([run[0], *(np.flatnonzero(sub.any(axis=a))[0] for a in ((0, 2), (0, 1)))])
-        hi = np.array([run[-1], *(np.flatnonzero(sub.any(axis=a))[-1] for a in ((0, 2), (0, 1)))]) + 1
+    for sl in ndimage.find_objects(np.where(mask, run_of_column[:, None, None], 0)):
+        lo, hi = np.array([a.start for a in sl]), np.array([a.stop for a in sl])
         start, stop = np.maximum(lo - margin, 0), np.minimum(hi + margin, shape)
         # on the network's stride lattice of the whole array (its mirror image along axis 0), so
         # that the crop sees the voxels the same way a pass over the whole array would
