@@ -373,7 +373,8 @@ def calibrate(model_path: str | Path, data: str | Path, modes=MODES, limit: int 
     for mode in modes:
         t0 = time.perf_counter()
         cases, mcases = [], []
-        for r in records:
+        for i, r in enumerate(records, 1):
+            log(f"{mode}: [{i}/{len(records)}] {r['subject']}")
             crop = _network_crop(r, model, mode, MARGIN_MM)
             if crop is None:
                 continue
