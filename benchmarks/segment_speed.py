@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from pipeline.runtime import TCMALLOC  # noqa: E402
+from pipeline.segment import MIRROR_CHOICES  # noqa: E402
 
 CHILD = r"""
 import json, resource, statistics, sys, time
@@ -60,7 +61,8 @@ if args["scan"]:
     fluid_path = d / "stir.nii.gz" if (d / "stir.nii.gz").exists() else d / "t2fs.nii.gz"
     fl = resample_to_grid(load_nifti(fluid_path, "stir"), shape, aff)
 imgs = {{"t1": t1, "fluid": fl}}
-mirror = {{"model": None, "on": True, "off": False, "full": "full"}}[args["mirror"]]
+from pipeline.segment import MIRROR_CHOICES
+mirror = MIRROR_CHOICES[args["mirror"]]
 # The toy volume (a uniform ellipse) is no anatomy: the network's 'muscle' on it takes in
 # background, and the shading check would fit noise and trigger a second pass that no real scan
 # without strong shading gets. So: segment without the pass, plus the check's own cost. For the
@@ -112,7 +114,7 @@ def main() -> None:
     ap.add_argument("--bf16", choices=["off", "on", "both"], default="both")
     ap.add_argument("--tcmalloc", choices=["off", "on", "both"], default="both" if Path(TCMALLOC).exists() else "off")
     ap.add_argument("--scan", default=None, help="phantom subject folder to resample (default: a toy)")
-    ap.add_argument("--mirror", choices=["model", "on", "off", "full"], default="model",
+    ap.add_argument("--mirror", choices=list(MIRROR_CHOICES), default="model",
                     help="mirror test-time pass (default: the model's inference.mirror)")
     a = ap.parse_args()
     model = None if a.random_weights else (a.model or str(ROOT / "models" / "ifi_seg_default"))

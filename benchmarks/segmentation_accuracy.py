@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.image import load_nifti, resample_like  # noqa: E402
 from pipeline.labels import LABELS, label_names  # noqa: E402
-from pipeline.segment import PAIRED  # noqa: E402
+from pipeline.segment import MIRROR_CHOICES, PAIRED  # noqa: E402
 
 TARGETS = {"quadratus_femoris": 0.90, "lesser_trochanter": 0.85, "ischial_tuberosity": 0.90,
            "hamstring_tendon": 0.85}
@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="CSV of per-subject/side results")
     ap.add_argument("--bf16", choices=["model", "on", "off"], default="model",
                     help="bfloat16 autocast at inference (default: the model metadata's choice)")
-    ap.add_argument("--mirror-tta", choices=["model", "on", "off", "full"], default="model",
+    ap.add_argument("--mirror-tta", choices=list(MIRROR_CHOICES), default="model",
                     help="left-right mirror test-time augmentation: on around the measured "
                          "structures, full over the whole grid (default: the model metadata's choice)")
     ap.add_argument("--partial-coverage", choices=["on", "off"], default="on",
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     rows = []
     for i, row in enumerate(subjects):
         bf16 = None if a.bf16 == "model" else a.bf16 == "on"
-        mirror = {"model": None, "on": True, "off": False, "full": "full"}[a.mirror_tta]
+        mirror = MIRROR_CHOICES[a.mirror_tta]
         rows.extend(evaluate_subject(row, cohort, model, modes, a.truth_labels, bf16, mirror, a.dixon,
                                      config, a.resegment_shading == "on", a.partial_coverage == "on"))
         print(f"[{i + 1}/{len(subjects)}] {row['subject']}", file=sys.stderr)

@@ -90,6 +90,8 @@ UNSUPPRESSED_FAT_RATIO = MeasureConfig.fat_suppression_max_ratio
 #: of the body, away from them; the mirrored logits fade in across it.
 MIRROR_CLASSES = KEY_STRUCTURES + ("iliopsoas_tendon",)
 MIRROR_MARGIN_VOXELS = (24, 24, 4)
+#: Command-line choices for the mirror pass -> ``segment(mirror=...)`` (None: the model's setting).
+MIRROR_CHOICES = {"model": None, "on": True, "off": False, "full": "full"}
 
 
 @dataclass
