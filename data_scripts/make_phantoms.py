@@ -40,7 +40,7 @@ COLUMNS = ("subject", "t1", "fluid", "fluid_kind", "dixon_fat", "dixon_water", "
            "labels_fluid", "labels_dixon")
 FRAME = "world RAS+ mm (NIfTI scanner coordinates of the written files)"
 PROTOCOL_OVERRIDES = ("field_t", "fluid_kind", "dixon", "orientation", "oblique", "dtype",
-                      "fluid_same_grid", "snr", "thickness", "gap", "pixel", "fluid_plane")
+                      "fluid_same_grid", "snr", "thickness", "gap", "pixel", "fluid_plane", "coverage")
 
 
 def subject_id(index: int) -> str:
@@ -114,7 +114,9 @@ def generate_subject(out_dir, seed: int, index: int, **overrides) -> dict:
     anatomy = overrides.get("anatomy")
     if anatomy is None:
         builder = overrides.get("anatomy_builder") or _default_builder()
-        anatomy = builder(np.random.default_rng(s_anat), fov=fov_kind)
+        # a whole-pelvis slab needs the anatomy up to the iliac crests (the same subject below)
+        extent = {"extent": "pelvis"} if overrides.get("coverage") == "pelvis" else {}
+        anatomy = builder(np.random.default_rng(s_anat), fov=fov_kind, **extent)
     axial_truth = overrides.get("axial_truth_fn") or _default_axial_truth()
     lm = acq.landmarks(anatomy)
     proto = acq.draw_protocol(rng_proto, lm, fov_kind,
@@ -301,7 +303,7 @@ def main(argv=None) -> int:
     ap.add_argument("--protocol", action="append", default=[], metavar="KEY=VALUE",
                     help="fix a protocol setting for every subject, repeatable, e.g. --protocol thickness=7 "
                          "--protocol snr=6 (stress cohorts beyond the default ranges), --protocol fluid_plane=coronal "
-                         "(a coronal fluid series); keys: "
+                         "(a coronal fluid series), --protocol coverage=pelvis (slabs from the iliac crests down); keys: "
                          + ", ".join(PROTOCOL_OVERRIDES))
     a = ap.parse_args(argv)
     if a.n < 0 or a.start < 0 or a.workers < 1:

@@ -175,3 +175,21 @@ def test_ifs_distribution_spans_normal_and_narrow():
     assert v.min() > 2.0 and v.max() < 55.0
     assert 0.15 <= (v <= 15).mean() <= 0.6
     assert np.percentile(v, 90) > 22.0
+
+
+def test_pelvis_extent_reaches_the_iliac_crests_and_keeps_the_hips(anatomy):
+    """extent="pelvis" adds slices up to the iliac crests and down the thighs; the anatomy and
+    truth of the default extent are unchanged inside it (same subject, same lattice)."""
+    pel = build_anatomy(np.random.default_rng(7), fine_spacing=COARSE, extent="pelvis")
+    assert np.allclose(pel.affine[:2], anatomy.affine[:2])            # same in-plane grid
+    k0 = int(round((anatomy.affine[2, 3] - pel.affine[2, 3]) / COARSE[2]))
+    assert k0 * COARSE[2] >= 40 and pel.shape[2] - k0 - anatomy.shape[2] >= 40   # taller both ways
+    core = (slice(None), slice(None), slice(k0, k0 + anatomy.shape[2]))
+    assert np.array_equal(pel.labels[core], anatomy.labels) and np.array_equal(pel.tissue[core], anatomy.tissue)
+    assert pel.hips == anatomy.hips
+    # the pelvis reaches the top slices (iliac crests); the femora reach the bottom ones
+    pelvis_z = np.flatnonzero((pel.labels == LABELS["pelvis"]).any(axis=(0, 1)))
+    assert (pel.shape[2] - 1 - pelvis_z.max()) * COARSE[2] <= 12
+    assert (pel.labels[..., 0] == LABELS["femur"]).sum() > 0
+    with pytest.raises(ValueError):
+        build_anatomy(np.random.default_rng(7), fine_spacing=COARSE, extent="thorax")

@@ -310,3 +310,27 @@ def test_fluid_series_in_another_plane(tmp_path, toy, plane, normal_axis):
     lt_l = np.asarray(truth["hips"]["left"]["ifs_3d_points"][1])
     near = xyz[np.argmin(np.linalg.norm(xyz - lt_l, axis=1))]
     assert near[0] < 0 and np.linalg.norm(near - lt_l) < 10
+
+
+def test_whole_pelvis_coverage(tmp_path, toy):
+    """--protocol coverage=pelvis: the axial slabs reach from the anatomy's top (the iliac crests
+    of a pelvis-extent anatomy) to well below the lesser trochanters; the truth is the same."""
+    hips = mk.generate_subject(tmp_path / "hips", 5, 3, anatomy=toy, orientation="RAS", oblique=0, **TOY)
+    pel = mk.generate_subject(tmp_path / "pelvis", 5, 3, anatomy=toy, orientation="RAS", oblique=0,
+                              coverage="pelvis", **TOY)
+
+    def z_range(root, row):
+        img = nib.load(str(root / row["t1"]))
+        z = img.affine[2, 3] + img.affine[2, 2] * np.array([0, img.shape[2] - 1])
+        return z.min(), z.max(), json.loads((root / row["truth"]).read_text())
+
+    lo_h, hi_h, t_h = z_range(tmp_path / "hips", hips)
+    lo_p, hi_p, t_p = z_range(tmp_path / "pelvis", pel)
+    top = acq.landmarks(toy)["grid_box"][2][1]
+    lt_bottom = min(s["lt_z"][0] for s in acq.landmarks(toy)["sides"].values())
+    assert hi_p > hi_h and hi_p >= top - 25 and lo_p <= lt_bottom - 35
+    assert t_p["acquisition"]["coverage"] == "pelvis" and "coverage" not in t_h["acquisition"]
+    for side in t_h["hips"]:
+        assert t_p["hips"][side]["ifs_3d_mm"] == t_h["hips"][side]["ifs_3d_mm"]
+    with pytest.raises(ValueError):
+        acq.draw_geometry(np.random.default_rng(0), acq.landmarks(toy), "bilateral", coverage="abdomen")

@@ -34,6 +34,12 @@ FOV_KINDS = ("bilateral", "left", "right")
 ORIENTATIONS = {"RAS": 0.3, "LPS": 0.3, "LAS": 0.1, "slice_first": 0.1, "random": 0.2}
 DTYPES = {"float32": 0.4, "int16_scaled": 0.3, "int16": 0.3}
 MAX_SLICES = 50
+#: slice count cap of a whole-pelvis acquisition (``coverage="pelvis"``: 3 mm slices reach 240 mm)
+PELVIS_MAX_SLICES = 80
+#: what an axial slab covers: "hips" (femoral heads to below the lesser trochanters, every cohort
+#: so far) or "pelvis" (iliac crests to 40-60 mm below the lesser trochanters; needs an anatomy
+#: built with ``extent="pelvis"``, or it is trimmed to the anatomy's own top and bottom)
+COVERAGES = ("hips", "pelvis")
 MAX_INPLANE = 512
 
 
@@ -226,16 +232,17 @@ def _inplane(rng, fov_x: float, fov_y: float, pixel_range=(0.5, 1.0), n_range=(6
     return nx, ny, pix
 
 
-def _slices(rng, z_lo: float, z_hi: float, thickness: float, gap: float, margins=(10.0, 30.0, 5.0, 20.0)):
-    """Number of slices and slab centre z covering [z_lo - m_below, z_hi + m_above] (<= MAX_SLICES)."""
+def _slices(rng, z_lo: float, z_hi: float, thickness: float, gap: float, margins=(10.0, 30.0, 5.0, 20.0),
+            max_slices: int = MAX_SLICES):
+    """Number of slices and slab centre z covering [z_lo - m_below, z_hi + m_above] (<= max_slices)."""
     spacing = thickness * (1 + gap)
     m_below = rng.uniform(margins[0], margins[1])
     m_above = rng.uniform(margins[2], margins[3])
     lo, hi = z_lo - m_below, z_hi + m_above
     n = int(np.ceil((hi - lo) / spacing)) + 1
-    if n > MAX_SLICES:  # drop the margins before cutting coverage
+    if n > max_slices:  # drop the margins before cutting coverage
         lo, hi = z_lo - 5.0, z_hi + 5.0
-        n = min(MAX_SLICES, int(np.ceil((hi - lo) / spacing)) + 1)
+        n = min(max_slices, int(np.ceil((hi - lo) / spacing)) + 1)
     return n, 0.5 * (lo + hi)
 
 
@@ -249,12 +256,16 @@ def _angles(rng, max_deg: float = 8.0, p_zero: float = 0.3):
 
 
 def draw_geometry(rng: np.random.Generator, lm: dict, fov_kind: str, *, thickness=None, gap=None,
-                  pixel_range=(0.5, 1.0), fov_scale: float = 1.0, angles=None, force_angles=None) -> Geometry:
-    """Draw an axial acquisition grid covering the femoral head(s) down below the lesser trochanter(s).
+                  pixel_range=(0.5, 1.0), fov_scale: float = 1.0, angles=None, force_angles=None,
+                  coverage: str = "hips") -> Geometry:
+    """Draw an axial acquisition grid covering the femoral head(s) down below the lesser trochanter(s)
+    (``coverage="pelvis"``: from the anatomy's top, the iliac crests, down 40-60 mm below them).
 
     ``angles``: use these tilt angles instead of drawing them; ``force_angles``: draw as usual (same
     random stream) but use these.
     """
+    if coverage not in COVERAGES:
+        raise ValueError(f"coverage must be one of {COVERAGES}, not {coverage!r}")
     sides = lm["sides"]
     use = [fov_kind] if fov_kind in sides else list(sides)
     z_lo = min(sides[s]["lt_z"][0] for s in use)
@@ -280,7 +291,11 @@ def draw_geometry(rng: np.random.Generator, lm: dict, fov_kind: str, *, thicknes
         thickness = float(np.round(rng.uniform(3.0, 6.0) * 2) / 2)
     if gap is None:
         gap = 0.0 if rng.uniform() < 0.4 else float(rng.uniform(0.1, 0.3))
-    nz, cz = _slices(rng, z_lo, z_hi, thickness, gap)
+    if coverage == "pelvis":
+        nz, cz = _slices(rng, z_lo - 40.0, lm["grid_box"][2][1] - 15.0, thickness, gap,
+                         margins=(0.0, 20.0, 0.0, 5.0), max_slices=PELVIS_MAX_SLICES)
+    else:
+        nz, cz = _slices(rng, z_lo, z_hi, thickness, gap)
     if angles is None:
         angles = _angles(rng)
     if force_angles is not None:
@@ -338,13 +353,14 @@ def fit_to_anatomy(g: Geometry, lm: dict, inplane: bool, tol_mm: float = 15.0, m
     return g
 
 
-def _vary_fluid_geometry(rng, t1: Geometry, lm: dict, fov_kind: str, pixel_range=None) -> Geometry:
+def _vary_fluid_geometry(rng, t1: Geometry, lm: dict, fov_kind: str, pixel_range=None,
+                         coverage: str = "hips") -> Geometry:
     """A fluid-series grid different from the T1's (other thickness / pixel / positions / FOV)."""
     thick = float(np.round(rng.uniform(3.0, 6.0) * 2) / 2) if rng.uniform() < 0.6 else t1.thickness
     gap = t1.gap if rng.uniform() < 0.6 else (0.0 if rng.uniform() < 0.4 else float(rng.uniform(0.1, 0.3)))
     angles = t1.angles_deg if rng.uniform() < 0.7 else _angles(rng)
     g = draw_geometry(rng, lm, fov_kind, thickness=thick, gap=gap, angles=angles,
-                      fov_scale=rng.uniform(0.9, 1.1), pixel_range=pixel_range or (0.55, 1.0))
+                      fov_scale=rng.uniform(0.9, 1.1), pixel_range=pixel_range or (0.55, 1.0), coverage=coverage)
     if rng.uniform() < 0.5:  # same slab centre and FOV centre, different sampling
         g = Geometry(g.shape, g.pixel, g.thickness, g.gap,
                      (t1.centre[0], t1.centre[1], t1.centre[2] + rng.uniform(-0.5, 0.5) * g.slice_spacing),
@@ -438,7 +454,8 @@ def draw_protocol(rng: np.random.Generator, lm: dict, fov_kind: str, **overrides
     ``oblique`` (False -> no tilt; a number -> tilt of that many degrees about the left-right axis),
     ``dtype`` ("float32" / "int16_scaled" / "int16"), ``fluid_same_grid`` (bool), ``snr`` (float,
     for every series), ``thickness`` and ``gap`` (T1), ``pixel`` (in-plane mm of T1 and fluid),
-    ``fluid_plane`` ("axial", the default, or "coronal" / "sagittal": ``plane_geometry``). All
+    ``fluid_plane`` ("axial", the default, or "coronal" / "sagittal": ``plane_geometry``),
+    ``coverage`` of the axial T1 and fluid slabs (``COVERAGES``; Dixon keeps its own). All
     random numbers are drawn first in a fixed order, so an override changes nothing else about the
     subject.
     """
@@ -481,9 +498,10 @@ def draw_protocol(rng: np.random.Generator, lm: dict, fov_kind: str, **overrides
         angles = (float(ob), 0.0, 0.0)
     pix = overrides.get("pixel")
     pix_range = (0.5, 1.0) if pix is None else (float(pix), float(pix))
+    coverage = overrides.get("coverage", "hips")
     t1 = draw_geometry(geo_rng, lm, fov_kind, thickness=overrides.get("thickness"), gap=overrides.get("gap"),
-                       pixel_range=pix_range, force_angles=angles)
-    fluid = _vary_fluid_geometry(geo_rng, t1, lm, fov_kind, None if pix is None else pix_range)
+                       pixel_range=pix_range, force_angles=angles, coverage=coverage)
+    fluid = _vary_fluid_geometry(geo_rng, t1, lm, fov_kind, None if pix is None else pix_range, coverage)
     if same:
         fluid = t1
     geos = {"t1": t1, "fluid": fluid}
@@ -495,7 +513,8 @@ def draw_protocol(rng: np.random.Generator, lm: dict, fov_kind: str, **overrides
         geos["fluid"] = plane_geometry(np.random.default_rng(geo_rng.integers(2**32)), lm, fov_kind,
                                        plane, t1, None if pix is None else pix_range)
         same = False
-    return Protocol(field_t, fov_kind, fluid_kind, seqs, geos, snr, orientation, dtype, gains, same)
+    return Protocol(field_t, fov_kind, fluid_kind, seqs, geos, snr, orientation, dtype, gains, same,
+                    extra={} if coverage == "hips" else {"coverage": coverage})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -84,6 +84,11 @@ SID = {name: i for i, name in enumerate(STRUCTS)}
 # muscles get individual ids from MUSCLE_ID0 upward so that fat planes can separate them
 MUSCLE_ID0 = 64
 
+#: z extents of the anatomy (``build_anatomy``): "hips" as every cohort so far, "pelvis" also up
+#: to the iliac crests and further down the thighs (a whole-pelvis acquisition).
+EXTENTS = ("hips", "pelvis")
+PELVIS_EXTRA_BELOW_MM = 40.0
+
 
 # --------------------------------------------------------------------------- parameters
 
@@ -217,10 +222,18 @@ def _interp(z, knots_z, values):
 
 
 class Painter:
-    """Paints structure ids onto the fine grid (later paints win unless protected)."""
+    """Paints structure ids onto the fine grid (later paints win unless protected).
 
-    def __init__(self, grid: Grid):
+    ``core_z``: the first and last slice z of the "hips" extent; ``top`` / ``bottom`` are just
+    beyond them, where shapes that span the whole extent end. On a taller grid such a tube
+    carries on unchanged to the grid's own top or bottom, so the anatomy inside the core is the
+    same whatever the extent.
+    """
+
+    def __init__(self, grid: Grid, core_z=None):
         self.g = grid
+        core_z = (float(grid.z[0]), float(grid.z[-1])) if core_z is None else core_z
+        self.bottom, self.top = core_z[0] - 1.0, core_z[1] + 1.0
         self.ids = np.zeros(grid.shape, dtype=np.uint8)
         self.next_muscle = MUSCLE_ID0
         self.muscle_label: dict[int, int] = {}
@@ -242,6 +255,10 @@ class Painter:
         only: optional array of ids that may be overwritten.
         """
         k = np.asarray(sorted(knots, key=lambda r: r[0]), float)
+        if k[0, 0] <= self.bottom and self.g.z[0] - 1.0 < k[0, 0]:
+            k = np.vstack([[self.g.z[0] - 1.0, *k[0, 1:]], k])
+        if k[-1, 0] >= self.top and self.g.z[-1] + 1.0 > k[-1, 0]:
+            k = np.vstack([k, [self.g.z[-1] + 1.0, *k[-1, 1:]]])
         z0, z1 = k[0, 0], k[-1, 0]
         if z_range is not None:
             z0, z1 = max(z0, z_range[0]), min(z1, z_range[1])
@@ -327,7 +344,7 @@ def _femur_centre(f: Surface, z: float, s: float) -> np.ndarray:
 
 
 def build_anatomy(rng: np.random.Generator, *, fov: str = "bilateral", fine_spacing=None,
-                  **overrides) -> Anatomy:
+                  extent: str = "hips", **overrides) -> Anatomy:
     """Build one synthetic subject's hip-region anatomy with exact truth.
 
     Args:
@@ -335,6 +352,12 @@ def build_anatomy(rng: np.random.Generator, *, fov: str = "bilateral", fine_spac
         fov: "bilateral" (whole body cross-section) or "left"/"right" (~200 mm box around that
             hip; only that side's truth is produced).
         fine_spacing: (dx, dy, dz) mm of the fine grid (default 0.5, 0.5, 1.0).
+        extent: "hips" (from 15 mm above the femoral heads to 40 mm below the lesser
+            trochanters) or "pelvis" (also up to the iliac crests and ``PELVIS_EXTRA_BELOW_MM``
+            further down, for a whole-pelvis acquisition). The anatomy of the "hips" extent is
+            the same in both; muscles, bowel and bladder that reach its top or bottom carry on
+            unchanged beyond it (crude above the hips: the bones there are real, the soft
+            tissue is not).
         overrides: replace drawn parameters (keys of ``draw_params``, e.g. ``pose``,
             ``shape_weights``, ``subcut_fat_mm``) or pathology via ``qf_pathology={side: {...}}``.
     Returns: ``Anatomy`` (see ``model.Anatomy``); ``hips[side]`` holds ifs_3d_mm, ifs_3d_points
@@ -343,6 +366,8 @@ def build_anatomy(rng: np.random.Generator, *, fov: str = "bilateral", fine_spac
     """
     if fov not in ("bilateral", "left", "right"):
         raise ValueError(f"fov must be bilateral/left/right, not {fov!r}")
+    if extent not in EXTENTS:
+        raise ValueError(f"extent must be one of {EXTENTS}, not {extent!r}")
     spacing = np.asarray(fine_spacing if fine_spacing is not None else DEFAULT_SPACING, float)
     p = draw_params(rng, **{k: v for k, v in overrides.items() if k != "qf_pathology"})
     bones, regions = posed_bones(p)
@@ -366,9 +391,14 @@ def build_anatomy(rng: np.random.Generator, *, fov: str = "bilateral", fine_spac
         half = 100.0
         lo = np.array([s * cu - half, cy - half, z_bot])
         hi = np.array([s * cu + half, cy + half, z_top])
+    core = Grid(lo, spacing, np.round((hi - lo) / spacing).astype(int) + 1)
+    if extent == "pelvis":
+        lo[2] -= PELVIS_EXTRA_BELOW_MM
+        hi[2] = max(hi[2], float(bones.pelvis.vertices[:, 2].max()) + 10.0)
+        lo[2] = core.z[0] - spacing[2] * np.ceil((core.z[0] - lo[2]) / spacing[2])   # on the core's z lattice
     shape = np.round((hi - lo) / spacing).astype(int) + 1
     grid = Grid(lo, spacing, shape)
-    P = Painter(grid)
+    P = Painter(grid, core_z=(float(core.z[0]), float(core.z[-1])))
 
     # ---- body outline, fat, skin
     _paint_body(P, body, p)
@@ -556,7 +586,7 @@ def _paint_side(P: Painter, b: Bones, lm: dict, side: str, p: dict, region: dict
     s = lm["s"]
     H, LT, GT, IT, PT = lm["H"], lm["LT"], lm["GT"], lm["IT"], lm["PT"]
     g = P.g
-    zT, zB = g.z[-1] + 1, g.z[0] - 1
+    zT, zB = P.top, P.bottom
     ms = p["muscle_scale"]
     soft = [SID["deep_fat"]]
     fem = b.femur[side]
@@ -697,8 +727,7 @@ def _paint_gmax(P: Painter, lm: dict, side: str, soft) -> None:
 
 
 def _paint_midline(P: Painter, b: Bones, L: dict, p: dict, body: dict) -> None:
-    g = P.g
-    zT, zB = g.z[-1] + 1, g.z[0] - 1
+    zT, zB = P.top, P.bottom
     it_y = body["it_y"]
     zi = min(L[s]["IT"][2] for s in SIDES)
     # rectum -> anal canal (midline, posterior)
