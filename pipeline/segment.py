@@ -21,8 +21,8 @@ Post-processing (conservative; sides are never relabelled, classes are side-agno
     so a detached blob behind the hips is not taken for a lesser trochanter.
   * other classes (pelvis, subcutaneous fat, other muscle): drop components smaller than 1 % of
     the class volume and smaller than 500 mm^3.
-  * island voxels take their next most probable class; a second pass removes islands that this
-    relabelling creates.
+  * island voxels take their next most probable class; further passes remove islands that this
+    relabelling creates, until there are none.
 
 Intensity shading (``scan_shading``): after the first pass, each input's smooth shading is fitted
 on the network's confident muscle (and, on T1, fat) voxels. Surface coils without intensity
@@ -65,7 +65,12 @@ PARENT_BONE = {"lesser_trochanter": "femur", "ischial_tuberosity": "pelvis"}
 ATTACHMENT = {"hamstring_tendon": "ischial_tuberosity", "iliopsoas_tendon": "lesser_trochanter"}
 #: Post-processing constants (mm, mm^3).
 ATTACHED_MM = 3.0
-POSTPROCESS_PASSES = 2
+#: Island removal repeats until nothing is removed: a voxel whose class was an island takes its
+#: next best one, which may be an island too (where the network hesitates among several
+#: structures, e.g. on anatomy it never saw, such as the iliac wings of a whole-pelvis scan; two
+#: passes left stray hamstring and iliopsoas tendon blobs there, 80 mm above the hip, that faked a
+#: 0.5 mm QFS). A voxel can leave each class once, so this many passes always suffice.
+POSTPROCESS_PASSES = len(LABELS)
 CONTRALATERAL_MIN_MM = 40.0
 FRAGMENT_MARGIN_MM = 10.0
 ISLAND_MAX_MM3 = 500.0
@@ -354,9 +359,9 @@ def postprocess(labels: np.ndarray, affine: np.ndarray, only=None) -> tuple[np.n
 def relabel_islands(labels: np.ndarray, scores: np.ndarray, affine: np.ndarray) -> dict[str, int]:
     """``postprocess`` applied to a label map in place: island voxels take their next best class
     by ``scores`` (K, *labels.shape; probabilities or log-probabilities), which is modified in
-    place too (a removed class is set to -inf at those voxels). A second pass catches islands
+    place too (a removed class is set to -inf at those voxels). Further passes catch the islands
     that this relabelling creates (a stray blob's runner-up class may be a landmark far from its
-    bone). Returns the number of voxels removed per class."""
+    bone), until there are none. Returns the number of voxels removed per class."""
     removed: dict[str, int] = {}
     only = None
     for _ in range(POSTPROCESS_PASSES):

@@ -316,6 +316,34 @@ def test_segment_relabels_islands_created_by_relabelling(monkeypatch, small_mode
     assert (out[14:16, 4:7, 2:4] == lt).all() and (out[54:56, 4:7, 2:4] == lt).all()
 
 
+def test_segment_removes_a_chain_of_island_classes(monkeypatch, small_model):
+    """Where the network hesitates among several structures (anatomy it never saw: the iliac
+    wings of a whole-pelvis scan), a stray blob's runner-up classes may all be islands; removal
+    goes on until none is left (two passes left a hamstring-and-iliopsoas blob that faked a
+    0.5 mm QFS 80 mm above the hip)."""
+    import pipeline.segment as seg_mod
+
+    k = len(LABELS)
+    fem, lt, it, hs, om = (LABELS[n] for n in ("femur", "lesser_trochanter", "ischial_tuberosity",
+                                               "hamstring_tendon", "other_muscle"))
+    shape = (60, 24, 6)
+    logits = torch.zeros((k, *shape))
+    logits[om] = 1.0
+    for x0 in (4, 44):                   # femora with their lesser trochanters, tuberosities, tendons
+        logits[fem, x0:x0 + 10, 2:10, 1:5] = 5.0
+        logits[lt, x0 + 10:x0 + 12, 4:7, 2:4] = 6.0
+        logits[it, x0:x0 + 6, 12:15, 1:5] = 6.0
+        logits[hs, x0:x0 + 6, 15:17, 1:5] = 6.0
+    stray = (slice(25, 35), slice(16, 22), slice(1, 5))
+    for cls, v in ((fem, 5.0), (lt, 4.5), (it, 4.0), (hs, 3.5)):   # runner-ups, all islands there
+        logits[(cls, *stray)] = v
+    monkeypatch.setattr(seg_mod, "predict_logits", lambda *a, **kw: logits.clone())
+    img = Image(np.random.default_rng(0).random(shape).astype(np.float32), np.diag([1.0, 1.0, 4.0, 1.0]), "t1")
+    out = seg_mod.segment({"t1": img}, small_model).labels.array
+    assert (out[stray] == om).all()
+    assert (out[14:16, 4:7, 2:4] == lt).all() and (out[54:56, 4:7, 2:4] == lt).all()
+
+
 @pytest.mark.parametrize("name", sorted(AFFINES))
 def test_to_reference_matches_undo_reorient(name):
     from pipeline.image import undo_reorient
@@ -548,3 +576,39 @@ def test_a_fluid_series_without_fat_suppression_is_left_out_when_there_is_a_t1(
         assert len(bright) == 1 and bright[0].endswith("segmented from the T1 alone")
     else:
         assert calls == [(False, True)] and len(bright) == 1 and "less certain" in bright[0]
+
+
+def test_thin_slices_are_smoothed_to_the_working_slices_and_training_ranges_are_not():
+    """A series of 1 mm slices is sampled by the 4 mm working grid only after smoothing along its
+    slices (no aliasing of alternating slices); the geometries the networks were trained on
+    (3-6 mm slices, 0.5-1 mm pixels, oblique up to 12 degrees) are sampled as they were."""
+    from pipeline.grid import ANTIALIAS_MIN_FACTOR, antialias_widths, box_kernel
+
+    for name, aff in AFFINES.items():
+        ref = Image(np.zeros((9, 37, 41) if name == "slice_first" else (37, 41, 9), np.float32), aff, "t1")
+        assert not antialias_widths(ref, make_working_grid(ref).affine).any(), name
+    fine = np.vstack([np.hstack([_rotation(0, 12) @ np.diag([0.5, 0.5, 3.0]), [[0], [0], [0]]]), [0, 0, 0, 1]])
+    ref = Image(np.zeros((400, 400, 30), np.float32), fine, "t1")
+    assert not antialias_widths(ref, make_working_grid(ref).affine).any()
+
+    thin = Image(np.zeros((30, 30, 48), np.float32), np.diag([0.8, 0.8, 1.0, 1.0]), "t1")
+    grid = make_working_grid(thin)
+    width = antialias_widths(thin, grid.affine)
+    assert width[0] == width[1] == 0 and width[2] == pytest.approx(4.0)   # 4 slices per working slice
+    np.testing.assert_allclose(box_kernel(4.0), [0.125, 0.25, 0.25, 0.25, 0.125])
+    np.testing.assert_allclose(box_kernel(2.5), [0.0, 0.3, 0.4, 0.3, 0.0], atol=1e-12)
+    from pipeline.grid import resample_linear
+
+    def seen(k, antialias):
+        """The working grid's view of a 1 mm bright plate on slice k: its largest value."""
+        a = np.zeros(thin.shape, np.float32)
+        a[..., k] = 1.0
+        return float(resample_linear(thin.with_array(a), grid.shape, grid.affine, antialias)[15, 15].max())
+
+    plain = [seen(k, None) for k in range(20, 24)]
+    smooth = [seen(k, ANTIALIAS_MIN_FACTOR) for k in range(20, 24)]
+    assert min(plain) == 0.0 and max(plain) > 0.4          # aliased: missed on 2 of 4 phases
+    assert min(smooth) >= 0.18 and max(smooth) <= 0.25       # every phase seen alike, as a 4 mm slice
+    inp = prepare_inputs({"t1": thin.with_array(np.random.default_rng(0).random(thin.shape).astype(np.float32))},
+                         ("t1", "fluid"), (1.0, 1.0, 4.0))
+    assert inp.array.shape[1:] == grid.shape
