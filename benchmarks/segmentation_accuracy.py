@@ -280,6 +280,9 @@ def main(argv=None) -> int:
                          "there from a pass without it (segment(partial_coverage=...))")
     ap.add_argument("--resegment-shading", choices=["on", "off"], default="on",
                     help="segment again after dividing out strong intensity shading (segment(shading=...))")
+    ap.add_argument("--body-mask", choices=["model", "on", "off"], default="model",
+                    help="with a T1, label the air around the body background (the model "
+                         "metadata's inference.body_mask, on by default)")
     ap.add_argument("--measure-config", default=None,
                     help="JSON overriding MeasureConfig for the measurement, as infer.py --config")
     a = ap.parse_args(argv)
@@ -290,6 +293,8 @@ def main(argv=None) -> int:
 
     cohort = Path(a.cohort)
     model = load_model(a.model, device="auto")
+    if a.body_mask != "model":
+        model.meta.setdefault("inference", {})["body_mask"] = a.body_mask == "on"
     with open(cohort / "cohort.csv", newline="") as f:
         subjects = list(csv.DictReader(f))[: a.limit]
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]

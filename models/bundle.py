@@ -57,7 +57,9 @@ def default_metadata(**overrides) -> dict:
                       "roi_size": [224, 224, 48], "overlap": 0.25, "bf16": True,
                       # left-right mirror test-time augmentation around the measured structures
                       # (pipeline.segment.predict_logits; "full": the whole grid, False: none)
-                      "mirror": True},
+                      "mirror": True,
+                      # with a T1, the air around the body is background (pipeline.grid.body_region)
+                      "body_mask": True},
         "training": {},
         "metrics": {},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -23,6 +23,9 @@ Post-processing (conservative; sides are never relabelled, classes are side-agno
     the class volume and smaller than 500 mm^3.
   * island voxels take their next most probable class; further passes remove islands that this
     relabelling creates, until there are none.
+  * before all this, with a T1, the air more than 10 mm from the body is background
+    (``pipeline.grid.body_region``): a network may draw structures there, at the corners of a
+    large field of view, and a left-right pair of such blobs can outdo the real femora.
 
 Intensity shading (``scan_shading``): after the first pass, each input's smooth shading is fitted
 on the network's confident muscle (and, on T1, fat) voxels. Surface coils without intensity
@@ -414,11 +417,13 @@ def reference_probabilities(images: dict[str, Image], model: SegModel, reference
     ``partial_coverage``: where a series covers only part of the body (``GridInputs.coverage``),
     blend in the network's output without that channel (a second pass); False skips it.
     ``exclude``: channels the network runs without, as if they were missing (their images still
-    define the grid when they are the reference).
+    define the grid when they are the reference). With a T1, the air beyond ``BODY_MARGIN_MM``
+    of the body (``pipeline.grid.body_region``) is background whatever the network says, unless
+    the model's ``inference.body_mask`` is false.
     """
     import torch
 
-    from pipeline.grid import NORMALISATION, prepare_inputs
+    from pipeline.grid import NORMALISATION, body_region, prepare_inputs
 
     meta = model.meta
     timings = {} if timings is None else timings
@@ -452,6 +457,15 @@ def reference_probabilities(images: dict[str, Image], model: SegModel, reference
         w = torch.from_numpy(weight)[None]
         probs_w = w * probs_w + (1.0 - w) * alone
     timings["network"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    use_body = meta.get("inference", {}).get("body_mask", True) and "t1" not in exclude
+    body = body_region(inputs) if use_body else None
+    if body is not None and not body.all():          # air around the body is background
+        background = torch.zeros((probs_w.shape[0], 1, 1, 1), dtype=probs_w.dtype)
+        background[0] = 1.0
+        probs_w = torch.where(torch.from_numpy(body)[None], probs_w, background)
+    timings["body"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     probs_t = inputs.grid.to_reference(probs_w, as_tensor=True)    # (K, *ref_shape)

@@ -612,3 +612,61 @@ def test_thin_slices_are_smoothed_to_the_working_slices_and_training_ranges_are_
     inp = prepare_inputs({"t1": thin.with_array(np.random.default_rng(0).random(thin.shape).astype(np.float32))},
                          ("t1", "fluid"), (1.0, 1.0, 4.0))
     assert inp.array.shape[1:] == grid.shape
+
+
+def _body_phantom(shape=(120, 100, 8), spacing=(1.0, 1.0, 4.0)):
+    """A T1-like slab: an elliptic body (muscle 300, a 6 mm fat rim 900, a dark bladder 40
+    inside) in noisy air (~20), RAS."""
+    rng = np.random.default_rng(1)
+    x, y = np.meshgrid(np.arange(shape[0]) - 60.0, np.arange(shape[1]) - 50.0, indexing="ij")
+    r = (x / 45.0) ** 2 + (y / 30.0) ** 2
+    sl = np.where(r < 1, 300.0, 0.0) + np.where((r < 1) & (r > 0.75), 600.0, 0.0)
+    sl = np.where((x / 8.0) ** 2 + (y / 6.0) ** 2 < 1, 40.0, sl)
+    arr = np.abs(sl[..., None] + rng.normal(0, 20, shape)).astype(np.float32)
+    return Image(arr, np.diag([*spacing, 1.0]), "t1"), r
+
+
+def test_body_region_covers_the_body_and_its_margin_and_not_the_far_air():
+    from pipeline.grid import BODY_MARGIN_MM, body_region
+
+    t1, r = _body_phantom()
+    inp = prepare_inputs({"t1": t1}, ("t1", "fluid"), (1.0, 1.0, 4.0))
+    body = body_region(inp)
+    assert body.shape == inp.grid.shape
+    assert body[r < 1].all()                           # the whole body, the dark bladder too
+    ring = (r > 1.0) & (r < 1.1)                       # at most ~4.5 mm outside its edge
+    assert body[ring].all()
+    far = np.hypot(*np.meshgrid(np.arange(120) - 60.0, np.arange(100) - 50.0, indexing="ij")) > 45 + 2 * BODY_MARGIN_MM
+    assert not body[far].any() and far.any()
+    fluid_only = prepare_inputs({"fluid": t1.with_array(t1.array)}, ("t1", "fluid"), (1.0, 1.0, 4.0))
+    assert body_region(fluid_only) is None             # fat may be as dark as air there
+
+
+def test_the_air_around_the_body_is_background_whatever_the_network_says(monkeypatch, small_model):
+    """A network that draws 'femur' at the corners of the field of view (a longer-trained model
+    did, and a left-right pair of such blobs can outdo the real femora): with a T1 that air is
+    background; with the model's body_mask off, or without a T1, the network's labels stand."""
+    import copy
+
+    import pipeline.segment as seg_mod
+
+    t1, r = _body_phantom()
+    k = len(LABELS)
+    fem, om = LABELS["femur"], LABELS["other_muscle"]
+
+    def fake(net, array, meta, device, *a, **kw):
+        logits = torch.zeros((k, *array.shape[1:]))
+        logits[om] = 1.0
+        logits[fem, :8, :8] = 5.0                     # two corners, left and right
+        logits[fem, -8:, :8] = 5.0
+        return logits
+
+    monkeypatch.setattr(seg_mod, "predict_logits", fake)
+    out = seg_mod.segment({"t1": t1}, small_model, shading=False).labels.array
+    assert not (out == fem).any() and (out[r < 1] == om).all() and (out[:8, :8] == 0).all()
+    off = copy.copy(small_model)
+    off.meta = copy.deepcopy(small_model.meta)
+    off.meta["inference"]["body_mask"] = False
+    assert (seg_mod.segment({"t1": t1}, off, shading=False).labels.array[:8, :8] == fem).all()
+    fluid = seg_mod.segment({"fluid": t1.with_array(t1.array)}, small_model, shading=False).labels.array
+    assert (fluid[:8, :8] == fem).all()
