@@ -177,9 +177,11 @@ def _measure_hip(side: str, hip: dict, other: dict | None, labels: Image, images
     ht = _main_part(hip, "hamstring_tendon", warn)
     ip = _main_part(hip, "iliopsoas_tendon", warn)
     d3, dax = _pair(it, [lt], aff, shape, ax)
+    missing = [n for n, m in (("ischial_tuberosity", it), ("lesser_trochanter", lt)) if m is None]
     _put_distance(rec, "ifs", d3, dax, "needs ischial_tuberosity and lesser_trochanter, missing: "
-                  + ", ".join(n for n, m in (("ischial_tuberosity", it), ("lesser_trochanter", lt))
-                              if m is None), axial)
+                  + ", ".join(missing) if missing else
+                  f"no surface could be drawn around the ischial_tuberosity ({it.count} voxels) and "
+                  f"the lesser_trochanter ({lt.count} voxels): too small to measure", axial)
     d3, dax = _pair(ht, [lt, ip], aff, shape, ax)
     _put_distance(rec, "qfs", d3, dax, "needs hamstring_tendon and lesser_trochanter or "
                   "iliopsoas_tendon", axial)

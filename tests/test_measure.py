@@ -117,6 +117,19 @@ def test_missing_structures_and_images_give_reasons(bilateral):
     json.dumps(rec)
 
 
+def test_a_lesser_trochanter_too_small_to_outline_is_named(bilateral):
+    """A one-voxel 'lesser trochanter' (all that a failed segmentation left) has no surface to
+    measure from; the reason says so instead of listing nothing as missing."""
+    img, _ = bilateral
+    arr = img.array.copy()
+    lt = np.argwhere(arr == LABELS["lesser_trochanter"])
+    right = lt[(lt @ img.affine[:3, :3].T + img.affine[:3, 3])[:, 0] > 0]
+    arr[tuple(right[1:].T)] = LABELS["femur"]                 # one voxel of it left
+    h = measure_hips(Image(arr, img.affine))["hips"]["right"]
+    assert h["ifs_mm"] is None
+    assert "too small" in h["reasons"]["ifs"] and "(1 voxels)" in h["reasons"]["ifs"]
+
+
 def test_single_hip_field_of_view():
     img, truth = labels_image((0.9, 0.9, 5.0), sides=("left",), ifs=(16.0, 0), qfs=(9.0, 0),
                               centre=(-60.0, -10.0, -10.0), fov=(110.0, 130.0, 110.0))
