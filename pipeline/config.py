@@ -46,6 +46,11 @@ class MeasureConfig:
     # implausible: it means part of the hamstring origin was missed. Such a QFS is kept but
     # marked (``qfs_plausible`` false) with a warning.
     qfs_above_ifs_tolerance_mm: float = 1.0
+    # Likewise a QFS whose hamstring end point lies farther than this (mm) from the ischial
+    # tuberosity, or whose other end point farther from the lesser trochanter, was measured on a
+    # stray piece of tendon, not at the quadratus femoris (phantom truth: at most 9.6 and 13 mm);
+    # it is marked implausible and raises no narrowing flag.
+    qfs_landmark_max_mm: float = 25.0
     # Edema: reference upper limit = this percentile of the reference muscle's intensities
     edema_reference_percentile: float = 97.5
     # Share of QF voxels above that limit. The STIR literature calls a muscle positive above

@@ -101,11 +101,34 @@ def _put_distance(rec: dict, key: str, d3, dax, missing: str, axial: bool = True
             "measured)")
 
 
-def _qfs_plausible(rec: dict, cfg: MeasureConfig) -> bool | None:
-    """False (with a warning) when the QFS exceeds the IFS: the hamstring origin lies on the
-    ischial tuberosity, so that points to a hamstring origin missed by the segmentation."""
+def _distance_to(point, mask: Mask | None, affine: np.ndarray) -> float | None:
+    """World distance (mm) from a point to the nearest voxel centre of ``mask`` (None without one)."""
+    if mask is None or not mask.count:
+        return None
+    world = mask.indices() @ np.asarray(affine, float)[:3, :3].T + np.asarray(affine, float)[:3, 3]
+    return float(np.min(np.linalg.norm(world - np.asarray(point, float), axis=1)))
+
+
+def _qfs_plausible(rec: dict, cfg: MeasureConfig, it: Mask | None = None, lt: Mask | None = None,
+                   affine=None) -> bool | None:
+    """False (with a warning) when the QFS cannot be right: it exceeds the IFS (the hamstring
+    origin lies on the ischial tuberosity, so part of it was missed), or its end points lie far
+    from the ischial tuberosity / lesser trochanter (a stray piece of tendon was measured)."""
     qfs, ifs = rec["qfs_mm"], rec["ifs_mm"]
-    if qfs is None or ifs is None:
+    if qfs is None:
+        return None
+    if rec["qfs_points"] is not None and affine is not None:
+        far = [f"its {end} end point lies {d:.0f} mm from the {name}"
+               for end, point, name, mask in (("hamstring", rec["qfs_points"][0], "ischial tuberosity", it),
+                                              ("other", rec["qfs_points"][1], "lesser trochanter", lt))
+               for d in [_distance_to(point, mask, affine)]
+               if d is not None and d > cfg.qfs_landmark_max_mm]
+        if far:
+            rec["warnings"].append(
+                f"QFS {qfs:.1f} mm was measured away from the quadratus femoris ({'; '.join(far)}): "
+                "probably on a stray piece of tendon; not used for a narrowing flag; check its points")
+            return False
+    if ifs is None:
         return None
     if qfs <= ifs + cfg.qfs_above_ifs_tolerance_mm:
         return True
@@ -137,6 +160,8 @@ def _flags(rec: dict, cfg: MeasureConfig) -> list:
             ("ifs", "ischiofemoral space", cfg.ifs_cutoff_mm, cfg.ifs_cutoff_source),
             ("qfs", "quadratus femoris space", cfg.qfs_cutoff_mm, cfg.qfs_cutoff_source)):
         # published cut-offs are axial measurements; the 3D value is the fallback
+        if key == "qfs" and rec.get("qfs_plausible") is False:
+            continue                    # a QFS that cannot be right raises no finding
         value, how = rec[f"{key}_axial_mm"], "axial"
         if value is None:
             value, how = rec[f"{key}_mm"], "3D"
@@ -185,7 +210,7 @@ def _measure_hip(side: str, hip: dict, other: dict | None, labels: Image, images
     d3, dax = _pair(ht, [lt, ip], aff, shape, ax)
     _put_distance(rec, "qfs", d3, dax, "needs hamstring_tendon and lesser_trochanter or "
                   "iliopsoas_tendon", axial)
-    rec["qfs_plausible"] = _qfs_plausible(rec, cfg)
+    rec["qfs_plausible"] = _qfs_plausible(rec, cfg, it, lt, aff)
     if lt is None and rec["qfs_mm"] is not None:
         warn.append("QFS measured to the iliopsoas tendon alone: no lesser trochanter in the label "
                     "map, so it cannot be checked against the IFS; check the QC picture")

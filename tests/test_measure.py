@@ -204,6 +204,27 @@ def test_qfs_larger_than_ifs_is_marked_implausible():
     assert measure_hips(Image(arr, img.affine))["hips"]["left"]["qfs_plausible"] is None
 
 
+def test_qfs_measured_on_a_stray_tendon_piece_is_marked_implausible_and_not_flagged(bilateral):
+    """A hamstring blob touching an iliopsoas blob 30 mm above the hip (what the post-processing
+    once left on a whole-pelvis scan) would read as a QFS of ~0 mm and a narrowing; its end
+    points lie far from the ischial tuberosity and the lesser trochanter, so it is marked
+    implausible, with a warning, and flags nothing. The other hip is untouched."""
+    img, truth = bilateral
+    arr = img.array.copy()
+    ijk = np.rint(np.linalg.inv(img.affine) @ np.array([60.0, -20.0, 40.0, 1.0])).astype(int)[:3]
+    i, j, k = ijk
+    arr[i - 3:i + 3, j - 3:j + 3, k:k + 2] = LABELS["hamstring_tendon"]
+    arr[i - 3:i + 3, j + 3:j + 8, k:k + 2] = LABELS["iliopsoas_tendon"]   # in contact
+    rec = measure_hips(Image(arr, img.affine))
+    right, left = rec["hips"]["right"], rec["hips"]["left"]
+    assert right["qfs_mm"] < 1.0 and right["qfs_plausible"] is False
+    assert any("away from the quadratus femoris" in w and "ischial tuberosity" in w for w in right["warnings"])
+    assert not any(f["name"] == "qfs_narrow" for f in right["flags"])
+    assert left["qfs_plausible"] is True and any(f["name"] == "qfs_narrow" for f in left["flags"])
+    untouched = measure_hips(img)["hips"]["right"]
+    assert untouched["qfs_plausible"] is True and not any("away from" in w for w in untouched["warnings"])
+
+
 def test_qfs_without_a_lesser_trochanter_says_so(bilateral):
     img, _ = bilateral
     arr = img.array.copy()
