@@ -71,3 +71,39 @@ def test_accuracy_scores_against_the_truth_on_the_predictions_grid(tmp_path):
     other = Image(np.zeros((4, 4, 6), np.uint8), other_grid)
     got = acc.truth_on_grid({}, tmp_path, truth_t1, other).array
     assert np.array_equal(got[..., :5], truth_t1.array[..., 1:])
+
+
+def test_compare_accuracy_pairs_subjects_and_hips(tmp_path, capsys):
+    """Dice is paired per subject, distances per hip, only where both runs have a value; equal
+    runs give p = 1; a consistent shift over 12 hips is significant."""
+    spec = importlib.util.spec_from_file_location("compare_accuracy", ROOT / "benchmarks" / "compare_accuracy.py")
+    cmp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cmp)
+    import csv
+
+    cols = ["mode", "subject", "side", "dice_lesser_trochanter", "ifs_mm", "ifs_mm_truth", "ifs_mm_abs_err",
+            "goutallier", "goutallier_truth"]
+
+    def write(path, shift):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, cols)
+            w.writeheader()
+            for i in range(12):
+                w.writerow({"mode": "both", "subject": f"s{i}", "side": "all",
+                            "dice_lesser_trochanter": 0.8 + 0.01 * i})
+                for side in ("left", "right"):
+                    err = 0.5 + 0.05 * i + shift
+                    w.writerow({"mode": "both", "subject": f"s{i}", "side": side, "ifs_mm": 20 + err,
+                                "ifs_mm_truth": 20, "ifs_mm_abs_err": err if i else "",
+                                "goutallier": 1, "goutallier_truth": 1 if shift == 0 or i else 2})
+
+    write(tmp_path / "a.csv", 0.0)
+    write(tmp_path / "b.csv", 0.2)
+    res = {r["metric"]: r for r in cmp.compare(cmp.read_rows(tmp_path / "a.csv"), cmp.read_rows(tmp_path / "b.csv"))}
+    assert res["dice_lesser_trochanter"]["n"] == 12 and res["dice_lesser_trochanter"]["p"] == 1.0
+    err = res["ifs_mm_abs_err"]
+    assert err["n"] == 22 and abs(err["after"] - err["before"] - 0.2) < 1e-9 and err["p"] < 0.001
+    assert abs(res["ifs_mm_signed"]["before"] - res["ifs_mm_abs_err"]["before"]) < 0.05
+    assert res["goutallier agreement"]["changed"] == (2, 0)
+    assert cmp.main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]) == 0
+    assert "p = " in capsys.readouterr().out
