@@ -62,10 +62,11 @@ COVERAGE_RAMP_MM = 10.0
 #: are sampled exactly as in training.
 ANTIALIAS_MIN_FACTOR = 2.2
 
-#: The body on the working grid (``body_region``): mean normalised T1 above this in blocks of
-#: ``BODY_BLOCK`` voxels (phantoms: air's 99th percentile 0.02-0.07 voxel by voxel, subcutaneous
-#: fat's 1st percentile 0.15-0.3, muscle ~0.3), grown by ``BODY_MARGIN_MM``.
-BODY_T1_THRESHOLD = 0.1
+#: The body on the working grid: normalised signal above this (``prepare_inputs``' coverage check,
+#: voxel by voxel; ``body_region``, T1 only, as the mean of blocks of ``BODY_BLOCK`` voxels, grown
+#: by ``BODY_MARGIN_MM``). Phantom T1: air's 99th percentile 0.02-0.07 voxel by voxel,
+#: subcutaneous fat's 1st percentile 0.15-0.3, muscle ~0.3.
+BODY_THRESHOLD = 0.1
 BODY_BLOCK = (4, 4, 1)
 BODY_MARGIN_MM = 10.0
 
@@ -229,7 +230,7 @@ def coverage_weight(img: Image, grid: WorkingGrid, body: np.ndarray,
     return np.clip(depth / ramp_mm, 0.0, 1.0).astype(np.float32)
 
 
-def body_region(inputs: "GridInputs", threshold: float = BODY_T1_THRESHOLD,
+def body_region(inputs: "GridInputs", threshold: float = BODY_THRESHOLD,
                 margin_mm: float = BODY_MARGIN_MM, block=BODY_BLOCK) -> np.ndarray | None:
     """Where the body is, on the working grid, from the normalised T1 channel: blocks of
     ``block`` voxels whose mean exceeds ``threshold`` (averaging a block keeps the air's noise far
@@ -339,7 +340,7 @@ def prepare_inputs(images: dict, channels=("t1", "fluid"), spacing=DEFAULT_SPACI
             continue
         arr[ci] = normalise(resample_linear(img, grid.shape, grid.affine, ANTIALIAS_MIN_FACTOR), recipe)
     coverage = {}
-    body = arr[list(channels).index(reference)] > 0.1 if reference in channels else None
+    body = arr[list(channels).index(reference)] > BODY_THRESHOLD if reference in channels else None
     for c in channels:
         img = chan_imgs[c]
         if img is None or body is None or img.same_grid(ref):

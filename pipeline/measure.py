@@ -118,11 +118,12 @@ def _qfs_plausible(rec: dict, cfg: MeasureConfig, it: Mask | None = None, lt: Ma
     if qfs is None:
         return None
     if rec["qfs_points"] is not None and affine is not None:
-        far = [f"its {end} end point lies {d:.0f} mm from the {name}"
-               for end, point, name, mask in (("hamstring", rec["qfs_points"][0], "ischial tuberosity", it),
-                                              ("other", rec["qfs_points"][1], "lesser trochanter", lt))
-               for d in [_distance_to(point, mask, affine)]
-               if d is not None and d > cfg.qfs_landmark_max_mm]
+        far = []
+        for end, point, name, mask in (("hamstring", rec["qfs_points"][0], "ischial tuberosity", it),
+                                       ("other", rec["qfs_points"][1], "lesser trochanter", lt)):
+            d = _distance_to(point, mask, affine)
+            if d is not None and d > cfg.qfs_landmark_max_mm:
+                far.append(f"its {end} end point lies {d:.0f} mm from the {name}")
         if far:
             rec["warnings"].append(
                 f"QFS {qfs:.1f} mm was measured away from the quadratus femoris ({'; '.join(far)}): "
