@@ -23,7 +23,7 @@ Post-processing (conservative; sides are never relabelled, classes are side-agno
     the class volume and smaller than 500 mm^3.
   * island voxels take their next most probable class; further passes remove islands that this
     relabelling creates, until there are none.
-  * before all this, with a T1, the air more than 10 mm from the body is background
+  * before all this, with a T1, the air more than 15 mm from the body is background
     (``pipeline.grid.body_region``): a network may draw structures there, at the corners of a
     large field of view, and a left-right pair of such blobs can outdo the real femora.
 

@@ -642,6 +642,26 @@ def test_body_region_covers_the_body_and_its_margin_and_not_the_far_air():
     assert body_region(fluid_only) is None             # fat may be as dark as air there
 
 
+def test_body_region_keeps_a_dark_interior_open_to_the_field_edge():
+    """Another scanner's contrast can leave muscle at a few per cent of fat on T1; on a single-hip
+    field of view the body runs off the edge, so no fat ring closes around it. Such muscle, 40 mm
+    from any fat, is body, not air."""
+    from pipeline.grid import body_region
+
+    rng = np.random.default_rng(2)
+    shape = (120, 100, 8)
+    x = np.arange(shape[0])[:, None] + np.zeros(shape[1])[None, :]
+    y = np.zeros(shape[0])[:, None] + np.arange(shape[1])[None, :]
+    sl = np.where(x > 30, 60.0, 0.0)                   # body from x = 30 mm to the field's edge
+    sl[(x > 30) & (x < 36)] = 1000.0                   # a thin bright fat layer on one side only
+    arr = np.abs(sl[..., None] + rng.normal(0, 4, shape)).astype(np.float32)
+    t1 = Image(arr, np.diag([1.0, 1.0, 4.0, 1.0]), "t1")
+    inp = prepare_inputs({"t1": t1}, ("t1", "fluid"), (1.0, 1.0, 4.0))
+    assert inp.array[0][80:, :, :].mean() < 0.1        # muscle darker than the old 0.1 threshold
+    body = body_region(inp)
+    assert body[31:].all() and not body[:10].any()
+
+
 def test_the_air_around_the_body_is_background_whatever_the_network_says(monkeypatch, small_model):
     """A network that draws 'femur' at the corners of the field of view (a longer-trained model
     did, and a left-right pair of such blobs can outdo the real femora): with a T1 that air is
