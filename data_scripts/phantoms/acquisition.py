@@ -27,7 +27,7 @@ from pipeline.image import atomic_write, grid_corners
 from pipeline.labels import LABELS
 
 from . import mr_physics as mrp
-from .model import TISSUES, Anatomy
+from .model import EXTENTS, TISSUES, Anatomy
 
 FOV_KINDS = ("bilateral", "left", "right")
 #: storage orientations (nibabel axis codes) and how often each is drawn
@@ -36,10 +36,6 @@ DTYPES = {"float32": 0.4, "int16_scaled": 0.3, "int16": 0.3}
 MAX_SLICES = 50
 #: slice count cap of a whole-pelvis acquisition (``coverage="pelvis"``: 3 mm slices reach 240 mm)
 PELVIS_MAX_SLICES = 80
-#: what an axial slab covers: "hips" (femoral heads to below the lesser trochanters, every cohort
-#: so far) or "pelvis" (iliac crests to 40-60 mm below the lesser trochanters; needs an anatomy
-#: built with ``extent="pelvis"``, or it is trimmed to the anatomy's own top and bottom)
-COVERAGES = ("hips", "pelvis")
 MAX_INPLANE = 512
 
 
@@ -264,8 +260,8 @@ def draw_geometry(rng: np.random.Generator, lm: dict, fov_kind: str, *, thicknes
     ``angles``: use these tilt angles instead of drawing them; ``force_angles``: draw as usual (same
     random stream) but use these.
     """
-    if coverage not in COVERAGES:
-        raise ValueError(f"coverage must be one of {COVERAGES}, not {coverage!r}")
+    if coverage not in EXTENTS:      # a "pelvis" slab needs an anatomy of that extent, else it is trimmed
+        raise ValueError(f"coverage must be one of {EXTENTS}, not {coverage!r}")
     sides = lm["sides"]
     use = [fov_kind] if fov_kind in sides else list(sides)
     z_lo = min(sides[s]["lt_z"][0] for s in use)
@@ -455,7 +451,7 @@ def draw_protocol(rng: np.random.Generator, lm: dict, fov_kind: str, **overrides
     ``dtype`` ("float32" / "int16_scaled" / "int16"), ``fluid_same_grid`` (bool), ``snr`` (float,
     for every series), ``thickness`` and ``gap`` (T1), ``pixel`` (in-plane mm of T1 and fluid),
     ``fluid_plane`` ("axial", the default, or "coronal" / "sagittal": ``plane_geometry``),
-    ``coverage`` of the axial T1 and fluid slabs (``COVERAGES``; Dixon keeps its own). All
+    ``coverage`` of the axial T1 and fluid slabs (``model.EXTENTS``; Dixon keeps its own). All
     random numbers are drawn first in a fixed order, so an override changes nothing else about the
     subject.
     """

@@ -36,7 +36,7 @@ from pipeline.config import goutallier_grade
 from pipeline.labels import LABELS
 
 from .atlas import SIDES, Bones, sample_bones
-from .model import TISSUES, Anatomy, Surface
+from .model import EXTENTS, TISSUES, Anatomy, Surface
 from .raster import rasterize, vertex_normals
 from .truth import region_surface, surface_distance
 
@@ -84,9 +84,6 @@ SID = {name: i for i, name in enumerate(STRUCTS)}
 # muscles get individual ids from MUSCLE_ID0 upward so that fat planes can separate them
 MUSCLE_ID0 = 64
 
-#: z extents of the anatomy (``build_anatomy``): "hips" as every cohort so far, "pelvis" also up
-#: to the iliac crests and further down the thighs (a whole-pelvis acquisition).
-EXTENTS = ("hips", "pelvis")
 PELVIS_EXTRA_BELOW_MM = 40.0
 
 

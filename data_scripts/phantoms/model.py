@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+#: z extents of an anatomy, and so what an axial slab can cover: "hips" (from above the femoral
+#: heads to below the lesser trochanters, every cohort's default) or "pelvis" (also up to the
+#: iliac crests and further down the thighs: a whole-pelvis acquisition).
+EXTENTS = ("hips", "pelvis")
+
 #: Tissue types of the fine model (what the MR simulation needs; distinct from the label table).
 TISSUES: dict[str, int] = {
     "air": 0,
