@@ -2,6 +2,7 @@
 
     python benchmarks/segmentation_accuracy.py --cohort DIR [--model PATH] [--modes both,t1,fluid]
                                                [--limit N] [--out results.csv] [--dixon]
+    python benchmarks/segmentation_accuracy.py --summarise results.csv [more.csv ...]
 
 For every subject of ``DIR/cohort.csv`` and every input mode (both sequences / T1 only / fluid
 only; ``dixon``: the subjects with a Dixon pair, segmented on the T1-like image made from it and
@@ -21,8 +22,11 @@ graded from it, as ``infer.py`` runs a Dixon-only scan) it segments the scan and
   (``qfs_plausible``: false when QFS > IFS); the same on the true label map
   (``--truth-labels``) separates segmentation error from measurement error.
 
-Prints a summary (means per mode) against the targets of the issue; writes one CSV row per
-subject, mode and side with ``--out``.
+Prints a summary (means per mode) against the targets of the issue, with 95 % intervals:
+bootstrap over subjects for mean Dice and MAE, Wilson for grade agreement (plus the linearly
+weighted kappa of the Goutallier grade); writes one CSV row per subject, mode and side with
+``--out``. ``--summarise`` prints the summary again from such CSVs without segmenting; given
+several (cohorts of the same run), it pools them.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.image import load_nifti, resample_like  # noqa: E402
 from pipeline.labels import LABELS, label_names  # noqa: E402
 from pipeline.segment import MIRROR_CHOICES, PAIRED  # noqa: E402
+from pipeline.stats import bootstrap_ci, weighted_kappa, wilson_ci  # noqa: E402
 
 TARGETS = {"quadratus_femoris": 0.90, "lesser_trochanter": 0.85, "ischial_tuberosity": 0.90,
            "hamstring_tendon": 0.85}
@@ -188,6 +193,37 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
     return rows
 
 
+def _ci_text(ci, digits: int) -> str:
+    """' (95 % CI lo-hi)' of a ``BootstrapCI``, empty when it was not computed."""
+    if ci.skipped or not np.isfinite(ci.low):
+        return ""
+    return f" (95 % CI {ci.low:.{digits}f}-{ci.high:.{digits}f})"
+
+
+def subject_bootstrap_mae(hip_rows: list[dict], key: str):
+    """Bootstrap interval of the mean of ``key`` over hips, resampling subjects (a subject's
+    two hips share a scan and a segmentation, so they are not independent draws)."""
+    subjects = sorted({r["subject"] for r in hip_rows})
+    sums = np.array([sum(float(r[key]) for r in hip_rows if r["subject"] == s) for s in subjects])
+    counts = np.array([sum(1 for r in hip_rows if r["subject"] == s) for s in subjects], float)
+    return bootstrap_ci(lambda a, b: float(a.sum() / b.sum()), sums, counts)
+
+
+def grade_agreement_text(graded: list[tuple], ordinal: bool) -> str:
+    """Share of hips whose grade matches the truth, with its Wilson 95 % interval (hips taken
+    as independent); for an ordinal grade (Goutallier 0-4) also the linearly weighted kappa and
+    the hips two or more grades off."""
+    hits = sum(str(a) == str(b) for a, b in graded)
+    lo, hi = wilson_ci(hits, len(graded))
+    text = f"{hits / len(graded):.2f} ({hits}/{len(graded)}, 95 % CI {lo:.2f}-{hi:.2f})"
+    if ordinal:
+        a, b = [int(x) for x, _ in graded], [int(y) for _, y in graded]
+        k = weighted_kappa(a, b, categories=range(5), weights="linear")
+        far = sum(abs(x - y) >= 2 for x, y in zip(a, b))
+        text += f", linear weighted kappa {k.kappa:.2f}, two or more grades off: {far}"
+    return text
+
+
 def summarise(rows: list[dict]) -> str:
     """Text summary: mean Dice per key class per mode, MAE, confusion, agreement."""
     lines = []
@@ -201,13 +237,16 @@ def summarise(rows: list[dict]) -> str:
             side_vals = np.array([r[f"dice_{name}"] for r in sd], float)
             tgt = TARGETS.get(name)
             mark = "" if tgt is None else f"  (target >= {tgt:.2f}: {'OK' if np.nanmean(vals) >= tgt else 'MISS'})"
-            lines.append(f"  Dice {name:20s} mean {np.nanmean(vals):.3f} median {np.nanmedian(vals):.3f} "
+            ci = "" if tgt is None else _ci_text(bootstrap_ci(np.nanmean, vals[np.isfinite(vals)]), 3)
+            lines.append(f"  Dice {name:20s} mean {np.nanmean(vals):.3f}{ci} median {np.nanmedian(vals):.3f} "
                          f"min {np.nanmin(vals):.3f} | per hip mean {np.nanmean(side_vals):.3f}{mark}")
         for key in ("ifs_mm", "qfs_mm"):
-            e = np.array([r[f"{key}_abs_err"] for r in sd if r.get(f"{key}_abs_err") is not None], float)
+            measured = [r for r in sd if r.get(f"{key}_abs_err") is not None]
+            e = np.array([r[f"{key}_abs_err"] for r in measured], float)
             n_missing = sum(1 for r in sd if r.get(f"{key}_truth") is not None and r.get(key) is None)
             if e.size:
-                lines.append(f"  {key[:3].upper()} MAE {e.mean():.2f} mm (median {np.median(e):.2f}, max {e.max():.2f}, "
+                ci = _ci_text(subject_bootstrap_mae(measured, f"{key}_abs_err"), 2)
+                lines.append(f"  {key[:3].upper()} MAE {e.mean():.2f} mm{ci} (median {np.median(e):.2f}, max {e.max():.2f}, "
                              f"n={e.size}, not measured {n_missing}) target <= 1.0: {'OK' if e.mean() <= 1.0 else 'MISS'}")
         # the measurement module's plausibility check (QFS > IFS: missed hamstring origin)
         for label, keep in (("plausible", True), ("marked implausible", False)):
@@ -223,9 +262,8 @@ def summarise(rows: list[dict]) -> str:
                      if r.get(f"{key.split('_')[0]}_truth") is not None]
             graded = [(a, b) for a, b in pairs if a is not None]
             if graded:
-                agree = np.mean([str(a) == str(b) for a, b in graded])
-                lines.append(f"  {key} agreement {agree:.2f} (n={len(graded)}, not gradable "
-                             f"{len(pairs) - len(graded)})")
+                lines.append(f"  {key} agreement {grade_agreement_text(graded, key == 'goutallier')} "
+                             f"(not gradable {len(pairs) - len(graded)})")
                 methods = sorted({r["fat_method"] for r in sd if r.get("fat_method")}) \
                     if key == "goutallier" else []
                 if len(methods) > 1:  # split only when Dixon and T1 both graded (--dixon)
@@ -259,10 +297,39 @@ def summarise(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cell(text: str):
+    """A CSV cell back to the value ``evaluate_subject`` wrote: None, bool, int, float or str."""
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_results(paths) -> list[dict]:
+    """Rows of ``--out`` CSVs; with several files each subject name is prefixed by its file's
+    position, so that subjects of different cohorts stay apart."""
+    rows = []
+    for i, path in enumerate(paths):
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                row = {k: _cell(v) for k, v in r.items()}
+                row["subject"] = str(r["subject"]) if len(paths) == 1 else f"{i}:{r['subject']}"
+                rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cohort", required=True)
+    ap.add_argument("--cohort", help="phantom cohort folder (with cohort.csv)")
+    ap.add_argument("--summarise", nargs="+", metavar="CSV",
+                    help="print the summary of earlier --out CSVs (pooled) instead of segmenting")
     ap.add_argument("--model", default=None, help="bundle (default: the bundled model)")
     ap.add_argument("--modes", default="both,t1,fluid", help="comma-separated: both, t1, fluid, dixon")
     ap.add_argument("--limit", type=int, default=None)
@@ -286,6 +353,11 @@ def main(argv=None) -> int:
     ap.add_argument("--measure-config", default=None,
                     help="JSON overriding MeasureConfig for the measurement, as infer.py --config")
     a = ap.parse_args(argv)
+    if a.summarise:
+        print(summarise(read_results(a.summarise)))
+        return 0
+    if not a.cohort:
+        ap.error("--cohort is required (or --summarise CSV ...)")
     from pipeline.config import load_config
     from pipeline.segment import load_model
 

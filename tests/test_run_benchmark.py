@@ -107,3 +107,43 @@ def test_compare_accuracy_pairs_subjects_and_hips(tmp_path, capsys):
     assert res["goutallier agreement"]["changed"] == (2, 0)
     assert cmp.main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]) == 0
     assert "p = " in capsys.readouterr().out
+
+
+def test_accuracy_summary_gives_intervals_and_reads_back_its_csv(tmp_path):
+    """The summary states its uncertainty: a bootstrap interval (over subjects) around mean Dice
+    and MAE, a Wilson interval around grade agreement, the Goutallier grade's weighted kappa and
+    the hips two or more grades off; ``--summarise`` prints the same from the written CSV, and
+    pools two CSVs as separate subjects."""
+    import csv
+
+    spec = importlib.util.spec_from_file_location("segmentation_accuracy",
+                                                  ROOT / "benchmarks" / "segmentation_accuracy.py")
+    acc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(acc)
+    rows = []
+    for i in range(12):
+        rows.append({"subject": f"s{i}", "mode": "both", "side": "all", "seconds": 1.0,
+                     **{f"dice_{n}": 0.80 + 0.01 * (i % 3) for n in acc.label_names()[1:]}})
+        for side in ("left", "right"):
+            truth = i % 4
+            got = truth if (i, side) != (0, "left") else truth + 2      # one hip 2 grades off
+            rows.append({"subject": f"s{i}", "mode": "both", "side": side, "seconds": 1.0,
+                         **{f"dice_{n}": 0.8 for n in acc.label_names()[1:]}, "ifs_mm": 20.5, "ifs_mm_truth": 20.0, "ifs_mm_abs_err": 0.5 + 0.1 * (i % 2),
+                         "goutallier": got, "goutallier_truth": truth,
+                         "edema_grade": "none", "edema_truth": "none" if i else "mild"})
+    text = acc.summarise(rows)
+    assert "Dice quadratus_femoris" in text and "mean 0.810 (95 % CI 0.80" in text
+    assert "IFS MAE 0.55 mm (95 % CI 0.5" in text
+    assert "goutallier agreement 0.96 (23/24, 95 % CI 0.80-0.99)" in text
+    assert "two or more grades off: 1" in text
+    assert "edema_grade agreement 0.92 (22/24" in text
+    keys = sorted({k for r in rows for k in r})
+    for name in ("a.csv", "b.csv"):
+        with open(tmp_path / name, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+    assert acc.summarise(acc.read_results([tmp_path / "a.csv"])) == text
+    pooled = acc.summarise(acc.read_results([tmp_path / "a.csv", tmp_path / "b.csv"]))
+    assert "== both: 24 subjects, 48 hips" in pooled and "(46/48" in pooled
+    assert acc.main(["--summarise", str(tmp_path / "a.csv")]) == 0
