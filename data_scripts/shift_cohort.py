@@ -30,6 +30,11 @@ Shifts, each modelled on how it arises in an MR scanner:
   bright on T1: fatty marrow) gets the signal it would have unsuppressed, added to what it has:
   fat's median becomes ``strength`` times the muscles' median (an unsuppressed fast spin-echo T2
   gives about 3-5). The QF's own fat is left as it was, so the edema truth holds.
+* ``fatwater``: a Dixon fat-water swap, as a failed water-fat separation makes where the field
+  is inhomogeneous (far from the magnet's centre), or as two series given the wrong way round.
+  Fat and water are exchanged over the share ``strength`` of the Dixon series' width in world
+  coordinates from the subject's right (the largest RAS x): 0.5 the right half, so the right
+  hip reads swapped and the left does not; 1 the whole pair. T1 and fluid are left as they are.
 """
 from __future__ import annotations
 
@@ -47,7 +52,8 @@ sys.path.insert(0, str(ROOT))
 from pipeline.image import Image, load_nifti, resample_like, save_nifti  # noqa: E402
 from pipeline.labels import NUM_CLASSES, TISSUE_CLASSES, tissue_lookup  # noqa: E402
 
-SHIFTS = {"coil": 0.6, "gamma": 0.5, "ghost": 1.5, "ringing": 0.5, "tissue": 1.6, "fatsat": 4.0}
+SHIFTS = {"coil": 0.6, "gamma": 0.5, "ghost": 1.5, "ringing": 0.5, "tissue": 1.6, "fatsat": 4.0,
+          "fatwater": 0.5}
 IMAGE_COLUMNS = ("t1", "fluid", "dixon_fat", "dixon_water")
 
 
@@ -201,6 +207,21 @@ def fat_unsuppressed(img: Image, labels: Image, t1: Image | None, strength: floa
     return a + max(add, 0.0) * weight
 
 
+def fat_water_swapped(images: dict, col: str, share: float) -> np.ndarray:
+    """The Dixon image ``col`` with fat and water exchanged where world x lies within the share
+    ``share`` of the fat image's width from its largest x (the subject's right)."""
+    img = images[col]
+    partner = images["dixon_water" if col == "dixon_fat" else "dixon_fat"]
+    if not partner.same_grid(img):
+        partner = resample_like(partner, img, order=1)
+    ref = images["dixon_fat"]
+    corners = np.array([[i, j, k] for i in (0, ref.shape[0] - 1) for j in (0, ref.shape[1] - 1)
+                        for k in (0, ref.shape[2] - 1)], float)
+    x = ref.voxel_to_world(corners)[:, 0]
+    cut = x.max() - share * (x.max() - x.min()) - 1e-3
+    return np.where(world_grid(img)[0] >= cut, partner.array, img.array)
+
+
 def shift_subject(row: dict, src: Path, dst: Path, shift: str, strength: float, seed: int) -> None:
     """Write the shifted copy of one subject of the cohort."""
     rng = np.random.default_rng(seed)
@@ -223,6 +244,9 @@ def shift_subject(row: dict, src: Path, dst: Path, shift: str, strength: float, 
         elif shift == "fatsat":
             out = (fat_unsuppressed(img, load_nifti(src / row["labels"]), images.get("t1"), strength)
                    if col == "fluid" else img.array)
+        elif shift == "fatwater":
+            both = "dixon_fat" in images and "dixon_water" in images
+            out = fat_water_swapped(images, col, strength) if col.startswith("dixon") and both else img.array
         else:
             raise ValueError(f"unknown shift {shift!r}; one of {', '.join(SHIFTS)}")
         save_nifti(img.with_array(np.asarray(out, np.float32)), dst / row[col])

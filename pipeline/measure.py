@@ -18,7 +18,11 @@ QFS exceeds the IFS: a missed hamstring origin), qf_volume_ml, qf_max_csa_mm2,
 qf_volume_ratio_contralateral, qf_edema {grade, signal_ratio, fraction_above_reference,
 fat_signal_ratio (nearby subcutaneous fat over the reference muscle on the fluid image; above
 ``fat_suppression_max_ratio`` the series is not fat-suppressed and no grade is given), ...},
-qf_fat_fraction, qf_fat_method, qf_goutallier_grade, signal_shading ({t1, fluid}: the
+qf_fat_fraction, qf_fat_method, qf_goutallier_grade, dixon_swap_check (with Dixon: the
+median fat fraction of the subcutaneous fat near the QF, about 0.9, the share of it reading
+below 0.5 and the share of the reference muscle reading above 0.5; from
+``dixon_subcut_max_swapped_share`` or ``dixon_reference_max_swapped_share`` up the pair is taken
+as swapped there and the T1, if any, grades the fat), signal_shading ({t1, fluid}: the
 surface-coil shading divided out before the signals were compared, as the ratio of the fitted
 field's largest to smallest value around the QF; None when not fitted), pose, flags, warnings,
 reasons.
@@ -150,7 +154,8 @@ def _empty_hip(side: str, reason: str) -> dict:
             rec[f"{key}_{suffix}"] = None
     rec.update(qfs_plausible=None, qf_volume_ml=None, qf_max_csa_mm2=None, qf_max_csa_slice=None,
                qf_volume_ratio_contralateral=None, qf_fat_fraction=None, qf_fat_method=None,
-               qf_goutallier_grade=None, signal_shading={"t1": None, "fluid": None})
+               qf_goutallier_grade=None, dixon_swap_check=None,
+               signal_shading={"t1": None, "fluid": None})
     return rec
 
 
@@ -261,7 +266,17 @@ def _measure_hip(side: str, hip: dict, other: dict | None, labels: Image, images
         fat = {"fat_fraction": None, "method": None, "reason": "no quadratus_femoris"}
     elif images.get("dixon_fat") is not None and images.get("dixon_water") is not None:
         fat = signal.fat_dixon(images["dixon_fat"], images["dixon_water"], qf, aff, cfg,
-                               ref)
+                               ref, subcut)
+        rec["dixon_swap_check"] = {k: fat.get(k) for k in (
+            "subcutaneous_fat_fraction", "subcutaneous_swapped_share", "reference_swapped_share")}
+        if fat.get("swap_suspected"):
+            if images.get("t1") is not None:
+                why = fat["reason"].split(": ", 1)[1].split(" (")[0]
+                fat = signal.fat_t1(images["t1"], qf, ref, subcut, aff, cfg, shading["t1"])
+                warn.append(f"Dixon fat and water look swapped around this hip ({why}): fat "
+                            "graded from the T1 instead")
+            else:
+                warn.append(f"{fat['reason']}: fat not graded")
     elif images.get("t1") is not None:
         fat = signal.fat_t1(images["t1"], qf, ref, subcut, aff, cfg, shading["t1"])
     else:

@@ -16,7 +16,9 @@ STIR behind axial labels do not straddle the QF's outline.
   T1 signal mapped between reference muscle and subcutaneous fat. Both average over the QF's
   core (``MeasureConfig.fat_core_depth_mm`` deep in-plane; for the larger Dixon voxels their whole
   extent that deep), so that an outline straying into the surrounding fat does not read as fatty
-  infiltration. Goutallier grade from ``MeasureConfig.goutallier_grade``.
+  infiltration. Goutallier grade from ``MeasureConfig.goutallier_grade``. A Dixon pair that
+  reads swapped around the hip (subcutaneous fat below 0.5, reference muscle above:
+  ``dixon_swap_check``) gives no fat fraction.
 * Atrophy: QF volume (ml) and largest cross-sectional area in the label map's slices (mm^2).
 """
 from __future__ import annotations
@@ -360,8 +362,15 @@ def edema_grade(fraction_above: float, ratio: float, cfg: MeasureConfig) -> str:
 
 
 def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
-              cfg: MeasureConfig, reference: Mask | None = None) -> dict:
+              cfg: MeasureConfig, reference: Mask | None = None,
+              subcut: Mask | None = None) -> dict:
     """Mean fat fraction fat / (fat + water) over the QF from magnitude Dixon images.
+
+    With ``subcut`` (subcutaneous fat near the QF) and ``reference`` (the reference muscle near
+    it) the pair is first checked for a fat-water swap (``dixon_swap_check``): when
+    ``cfg.dixon_subcut_max_swapped_share`` or more of that fat reads a fat fraction below 0.5,
+    or ``cfg.dixon_reference_max_swapped_share`` of that muscle above 0.5, no fat fraction,
+    ``swap_suspected`` True and a reason.
 
     Dixon voxels lying wholly inside the QF's core in-plane count: the mask is eroded in-plane by
     half a Dixon voxel plus ``fat_core_depth_mm``. Dixon voxels are often 2-3 mm, so a voxel
@@ -375,6 +384,21 @@ def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
 
     if not fat.same_grid(water, atol=1e-3):
         water = resample_like(water, fat, order=1)
+    check = dixon_swap_check(fat, water, subcut, reference, label_affine, cfg)
+    limits = {"subcutaneous_swapped_share": cfg.dixon_subcut_max_swapped_share,
+              "reference_swapped_share": cfg.dixon_reference_max_swapped_share}
+    if any(check[k] is not None and check[k] >= limit for k, limit in limits.items()):
+        read = []
+        if check.get("subcutaneous_swapped_share") is not None:
+            read.append(f"{check['subcutaneous_swapped_share']:.0%} of the subcutaneous fat near the "
+                        "QF reads a fat fraction below 0.5")
+        if check.get("reference_swapped_share") is not None:
+            read.append(f"{check['reference_swapped_share']:.0%} of the reference muscle above 0.5")
+        return {"fat_fraction": None, "method": "dixon", "swap_suspected": True, **check,
+                "reason": "Dixon fat and water look swapped around this hip: " + ", ".join(read)
+                          + " (fat reads about 0.9, muscle below 0.1). A failed water-fat "
+                          "separation, the two series given the wrong way round, or (muscle "
+                          "only) a reference muscle largely replaced by fat; check the Dixon images"}
     # In-plane erosion only: also dropping the QF's first / last label slices (partial volume
     # at its ends) samples a heterogeneous muscle (fat streaks vary along it) so unevenly that
     # it costs more than it saves (phantom cohort: fat-fraction MAE 0.066 with, 0.02 without).
@@ -398,7 +422,39 @@ def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
         return {"fat_fraction": None, "method": "dixon", "reason": "too few QF voxels with signal"}
     ff = np.clip(f[ok] / s[ok], 0.0, 1.0)
     return {"fat_fraction": float(ff.mean()), "fat_fraction_median": float(np.median(ff)),
-            "method": "dixon", "noise_sigma": sigma, "n_voxels": int(ok.sum()), "reason": None}
+            "method": "dixon", "noise_sigma": sigma, "n_voxels": int(ok.sum()),
+            **check, "swap_suspected": False, "reason": None}
+
+
+def dixon_swap_check(fat: Image, water: Image, subcut: Mask | None, reference: Mask | None,
+                     label_affine: np.ndarray, cfg: MeasureConfig) -> dict:
+    """Signs of a fat-water swap around a hip (water already on the fat image's grid): the
+    Dixon fat fraction of the subcutaneous fat (``subcutaneous_fat_fraction``, its median, and
+    ``subcutaneous_swapped_share``, the share below 0.5) and the share of the reference muscle
+    above 0.5 (``reference_swapped_share``), each mask eroded in-plane past the Dixon voxels'
+    extent, as the QF is. Fat reads about 0.9 in every body and muscle below 0.1, so a large
+    share means the pair is swapped there. A value is None where its mask is missing or fewer
+    than ``cfg.min_signal_voxels`` voxels carry signal."""
+    def fractions(mask):
+        if mask is None:
+            return None
+        m = erode_inplane(mask, label_affine, cfg.min_signal_voxels, image_depth_mm(fat))
+        f = sample_in_mask(fat, m, label_affine)
+        w = sample_in_mask(water, m, label_affine)
+        s = f + w
+        ok = s > 1e-6 * max(float(s.max(initial=0)), 1e-12)
+        return np.clip(f[ok] / s[ok], 0.0, 1.0) if ok.sum() >= cfg.min_signal_voxels else None
+
+    out = {"subcutaneous_fat_fraction": None, "subcutaneous_swapped_share": None,
+           "reference_swapped_share": None}
+    ff = fractions(subcut)
+    if ff is not None:
+        out.update(subcutaneous_fat_fraction=float(np.median(ff)),
+                   subcutaneous_swapped_share=float(np.mean(ff < 0.5)))
+    ff = fractions(reference)
+    if ff is not None:
+        out["reference_swapped_share"] = float(np.mean(ff > 0.5))
+    return out
 
 
 def fat_t1(t1: Image, qf: Mask, reference: Mask | None, subcut: Mask | None,

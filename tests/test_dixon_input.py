@@ -110,3 +110,57 @@ def test_dixon_only_scan_is_segmented_on_the_t1_like_image_and_graded_from_dixon
     assert right["qf_edema"]["grade"] is None and "fluid" in right["qf_edema"]["reason"]
     saved = json.loads((tmp_path / "out" / "measurements.json").read_text())
     assert saved["hips"]["right"]["qf_goutallier_grade"] == 2
+
+
+def test_swapped_dixon_is_not_graded_and_the_t1_grades_instead():
+    """A fat-water swap over half of the field (world RAS x < 0: the subject's left, as a
+    failed separation far off-centre makes): subcutaneous fat there reads fat fraction
+    ~0.05, so the Dixon grade of that hip is withheld with a warning, and the T1 grades it when
+    there is one; the other hip keeps its Dixon grade. Exchanging the whole pair gives no
+    Dixon grade on either side."""
+    from pipeline.measure import measure_hips
+    from tests.synthetic_subject import make_images
+
+    lab = make_labels()
+    fat, water = dixon_pair(lab)
+    x = lab.voxel_to_world(np.indices(lab.shape).reshape(3, -1).T)[:, 0].reshape(lab.shape)
+    half = x < 0
+    sw_fat = Image(np.where(half, water.array, fat.array), fat.affine.copy(), "dixon_fat")
+    sw_water = Image(np.where(half, fat.array, water.array), fat.affine.copy(), "dixon_water")
+    t1 = make_images(lab)["t1"]
+    hips = measure_hips(lab, {"dixon_fat": sw_fat, "dixon_water": sw_water})["hips"]
+    assert hips["right"]["qf_fat_method"] == "dixon"
+    check = hips["right"]["dixon_swap_check"]
+    assert check["subcutaneous_fat_fraction"] > 0.9 and check["reference_swapped_share"] == 0
+    assert hips["right"]["qf_fat_fraction"] == pytest.approx(RIGHT_QF_FF, abs=0.05)
+    left = hips["left"]
+    check = left["dixon_swap_check"]
+    assert check["subcutaneous_fat_fraction"] < 0.1 and check["subcutaneous_swapped_share"] > 0.9
+    assert check["reference_swapped_share"] > 0.9
+    assert left["qf_fat_fraction"] is None
+    assert "swapped" in left["reasons"]["fat"] and any("swapped" in w for w in left["warnings"])
+    with_t1 = measure_hips(lab, {"dixon_fat": sw_fat, "dixon_water": sw_water, "t1": t1})["hips"]
+    assert with_t1["left"]["qf_fat_method"] == "t1_calibrated" and with_t1["left"]["qf_goutallier_grade"] == 0
+    assert any("graded from the T1" in w for w in with_t1["left"]["warnings"])
+    assert with_t1["right"]["qf_fat_method"] == "dixon"
+    unswapped = measure_hips(lab, {"dixon_fat": fat, "dixon_water": water})["hips"]
+    assert all(h["qf_fat_method"] == "dixon" and h["qf_fat_fraction"] is not None for h in unswapped.values())
+    exchanged = measure_hips(lab, {"dixon_fat": water, "dixon_water": fat})["hips"]
+    assert all(h["qf_fat_fraction"] is None and "swapped" in h["reasons"]["fat"] for h in exchanged.values())
+
+
+def test_swap_confined_to_the_muscles_is_caught_by_the_reference_muscle():
+    """A swap whose edge leaves the subcutaneous fat near the hip as it was but covers the
+    gluteus maximus (the reference muscle) is caught by that muscle reading above 0.5."""
+    from pipeline.measure import measure_hips
+
+    lab = make_labels()
+    fat, water = dixon_pair(lab)
+    x = lab.voxel_to_world(np.indices(lab.shape).reshape(3, -1).T)[:, 0].reshape(lab.shape)
+    region = (x < 0) & (lab.array != LABELS["subcutaneous_fat"])
+    sw_fat = Image(np.where(region, water.array, fat.array), fat.affine.copy(), "dixon_fat")
+    sw_water = Image(np.where(region, fat.array, water.array), fat.affine.copy(), "dixon_water")
+    left = measure_hips(lab, {"dixon_fat": sw_fat, "dixon_water": sw_water})["hips"]["left"]
+    check = left["dixon_swap_check"]
+    assert check["subcutaneous_swapped_share"] < 0.3 and check["reference_swapped_share"] > 0.9
+    assert left["qf_fat_fraction"] is None and "reference muscle above 0.5" in left["reasons"]["fat"]

@@ -6,8 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_scripts.shift_cohort import (TISSUE_CLASSES, coil_field, fat_unsuppressed, gamma_map, ghost, main, ringing,
-                                      tissue_contrast, tissue_map, world_grid)
+from data_scripts.shift_cohort import (TISSUE_CLASSES, coil_field, fat_unsuppressed, fat_water_swapped, gamma_map,
+                                      ghost, main, ringing, tissue_contrast, tissue_map, world_grid)
 from pipeline.image import Image
 from pipeline.labels import LABELS
 
@@ -144,3 +144,28 @@ def test_fat_unsuppressed_brightens_fat_and_fatty_marrow_only():
     assert out[27, 8, 3] == pytest.approx(395.0, rel=0.01)                   # marrow, +380 like fat
     assert out[22, 2, 3] == pytest.approx(5.0, abs=0.5)                      # cortex
     assert out[5, 6, 3] == pytest.approx(100.0) and out[25, 35, 3] == pytest.approx(100.0)
+
+
+def test_fat_water_swap_covers_the_subjects_right_in_world_coordinates():
+    """An LPS-stored Dixon pair (voxel x runs to the subject's left): strength 0.5 exchanges fat and
+    water where world RAS x is largest (the subject's right), on the water image's own, shifted grid
+    too; strength 1 exchanges them everywhere."""
+    shape = (20, 6, 4)
+    lps = np.diag([-2.0, -2.0, 5.0, 1.0])
+    lps[:3, 3] = (19.0, 5.0, 0.0)                       # world x from 19 (voxel 0) down to -19
+    fat = Image(np.full(shape, 90.0, np.float32), lps)
+    water_aff = lps.copy()
+    water_aff[2, 3] = 5.0                                # one slice higher: another grid
+    water = Image(np.full(shape, 10.0, np.float32), water_aff)
+    images = {"dixon_fat": fat, "dixon_water": water}
+    f = fat_water_swapped(images, "dixon_fat", 0.5)
+    x = world_grid(fat)[0]
+    over = np.zeros(shape, bool)
+    over[..., 1:] = True                                 # the fat grid's bottom slice lies below the water grid
+    assert np.allclose(f[over & (x > 0.5)], 10.0) and (f[x < -0.5] == 90.0).all()
+    w = fat_water_swapped(images, "dixon_water", 0.5)
+    xw = world_grid(water)[0]
+    inside = np.zeros(shape, bool)
+    inside[..., :3] = True                               # the water grid's top slice lies above the fat grid
+    assert np.allclose(w[inside & (xw > 0.5)], 90.0) and (w[xw < -0.5] == 10.0).all()
+    assert (fat_water_swapped(images, "dixon_fat", 1.0)[over] < 20).all()
