@@ -103,7 +103,8 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
     """All metrics of one subject; one dict per (mode, side) plus one per mode with side 'all'.
     With ``dixon`` the subject's Dixon images (if any) go to the measurement, not the network,
     as ``infer.py --dixon-fat/--dixon-water`` does: the fat grade then comes from Dixon."""
-    from pipeline.measure import measure_hips
+    from pipeline.config import MeasureConfig
+    from pipeline.measure import dixon_swapped_throughout, measure_hips
     from pipeline.segment import segment
 
     t1 = load_nifti(cohort / row["t1"], "t1") if row.get("t1") else None
@@ -142,12 +143,27 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
             resegmented, partial = seg.shading_corrected, "+".join(seg.partial_channels)
             fat_ratio = seg.fluid_fat_ratio
             meas_imgs = dixon_pair if mode == "dixon" else imgs
+        measured = measure_hips(pred, {**meas_imgs, **dixon_imgs}, config=config)
+        exchanged = False
+        if dixon_pair and (dixon or mode == "dixon") and \
+                dixon_swapped_throughout(measured, config or MeasureConfig()):
+            # swapped around every hip: exchanged and run again, as infer.py does
+            swapped = {"dixon_fat": dixon_pair["dixon_water"], "dixon_water": dixon_pair["dixon_fat"]}
+            exchanged = True
+            if mode == "dixon":
+                from pipeline.api import network_inputs
+
+                seg = segment(network_inputs(swapped, []), model, bf16=bf16, mirror=mirror,
+                              shading=shading, partial_coverage=partial_coverage)
+                pred, conf = seg.labels, seg.confidence
+                meas_imgs = swapped
+            measured = measure_hips(pred, {**meas_imgs, **(swapped if dixon else {})}, config=config)
         tl = truth_on_grid(row, cohort, truth_lab, pred)
         sides = side_map(pred, centres)
-        measured = measure_hips(pred, {**meas_imgs, **dixon_imgs}, config=config)
         voxel_mm3 = float(abs(np.linalg.det(pred.affine[:3, :3])))
         for side in ("all", *SIDES):
             rec = {"subject": row["subject"], "mode": mode, "side": side, "seconds": round(seconds, 2),
+                   "dixon_exchanged": exchanged,
                    "partial_coverage_pass": partial,
                    "resegmented": resegmented,
                    "fluid_fat_ratio": None if fat_ratio is None else round(fat_ratio, 3)}
@@ -277,6 +293,10 @@ def summarise(rows: list[dict]) -> str:
                        if r.get("fat_fraction") is not None and r.get("fat_fraction_truth") is not None])
         if ff.size:
             lines.append(f"  fat fraction MAE {np.abs(ff).mean():.3f} (bias {ff.mean():+.3f}, n={ff.size})")
+        n_ex = sum(bool(r.get("dixon_exchanged")) for r in rs)
+        if n_ex:
+            lines.append(f"  Dixon fat and water exchanged (read swapped around every hip): {n_ex} of "
+                         f"{len(rs)} scans")
         n_re = sum(bool(r.get("resegmented")) for r in rs)
         if n_re:
             lines.append(f"  segmented again after correcting strong shading: {n_re} of {len(rs)} scans")

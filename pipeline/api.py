@@ -305,31 +305,38 @@ def run_subject(inputs: dict, out_dir, *, model=None, config=None, subject=None,
                       "sha256": hashes.get("labels"), "label_table_sha256": hashes.get("label_table")}
         stage = "labels"
     else:
-        from pipeline.segment import segment
-
         if model is None:
             model = load_model_or_fail(model_path, device)
         net_images = network_inputs(images, warnings)
-        with _stage_errors("segment"):
-            seg = segment(net_images, model, reference=ref_role if ref_role in net_images else "t1")
-        labels = seg.labels
-        if not labels.same_grid(reference):
-            raise SubjectError("segment", "segmentation is not on the reference grid (internal error)")
-        labels = Image(np.asarray(labels.array, dtype=np.uint8), reference.affine.copy(), "labels", {})
-        seg_info = {"confidence": dict(seg.confidence), "warnings": list(seg.warnings),
-                    "timings": {k: float(v) for k, v in seg.timings.items()},
-                    "fluid_fat_ratio": seg.fluid_fat_ratio}
-        warnings += [f"segmentation: {w}" for w in seg.warnings]
+        labels, seg_info = _segment_on_reference(net_images, model, ref_role, reference, warnings)
         model_info = model_identity(model)
         stage = "segment"
     timings["segment_s"] = time.perf_counter() - t0
     _require_hip_structures(labels, stage)
 
-    from pipeline.measure import measure_hips
+    from pipeline.measure import dixon_swapped_throughout, measure_hips
 
     t0 = time.perf_counter()
     with _stage_errors("measure"):
         result = measure_hips(labels, images, config=config)
+    if "dixon_fat" in images and dixon_swapped_throughout(result, config):
+        # the whole pair reads swapped around every hip: exchanged, and the scan run again (a
+        # Dixon-only scan is segmented again too, since its network input was made from the pair,
+        # when the two share a grid: the labels stay on the reference grid)
+        images = {**images, "dixon_fat": images["dixon_water"], "dixon_water": images["dixon_fat"]}
+        again = "measured"
+        dixon_only = not any(k in images for k in ("t1", "fluid"))
+        if net_images is not None and dixon_only and images["dixon_fat"].same_grid(reference):
+            net_images = network_inputs(images, [])
+            labels, seg_info = _segment_on_reference(net_images, model, ref_role, reference, [])
+            again = "segmented and measured"
+        warnings.append(f"Dixon fat and water read swapped around every hip (reference muscle "
+                        f"{config.dixon_exchange_share:.0%} or more above fat fraction 0.5, "
+                        f"subcutaneous fat {config.dixon_subcut_max_swapped_share:.0%} or more "
+                        f"below it): the two images were exchanged and the scan {again} again; "
+                        "check which series is which")
+        with _stage_errors("measure"):
+            result = measure_hips(labels, images, config=config)
     timings["measure_s"] = time.perf_counter() - t0
 
     inputs_desc = {role: _input_description(role, inputs[role], img, hashes.get(role))
@@ -364,6 +371,23 @@ def run_subject(inputs: dict, out_dir, *, model=None, config=None, subject=None,
     except OSError as exc:
         raise SubjectError("write", f"{type(exc).__name__}: {exc}") from exc
     return record
+
+
+def _segment_on_reference(net_images: dict, model, ref_role: str, reference: Image,
+                          warnings: list[str]) -> tuple[Image, dict]:
+    """Segment the network inputs; the label map on the reference grid and the segmentation's
+    provenance (its warnings are also added to ``warnings``)."""
+    from pipeline.segment import segment
+
+    with _stage_errors("segment"):
+        seg = segment(net_images, model, reference=ref_role if ref_role in net_images else "t1")
+    if not seg.labels.same_grid(reference):
+        raise SubjectError("segment", "segmentation is not on the reference grid (internal error)")
+    labels = Image(np.asarray(seg.labels.array, dtype=np.uint8), reference.affine.copy(), "labels", {})
+    warnings += [f"segmentation: {w}" for w in seg.warnings]
+    return labels, {"confidence": dict(seg.confidence), "warnings": list(seg.warnings),
+                    "timings": {k: float(v) for k, v in seg.timings.items()},
+                    "fluid_fat_ratio": seg.fluid_fat_ratio}
 
 
 @contextlib.contextmanager

@@ -84,6 +84,14 @@ class MeasureConfig:
     # surroundings fat 0.21-0.68 but muscle 0.46-0.55; swapped 0.82-1.00 both.
     dixon_subcut_max_swapped_share: float = 0.5
     dixon_reference_max_swapped_share: float = 0.3
+    # Where every hip with a swap check reads swapped by both signs, its reference muscle at this
+    # share or more and its subcutaneous fat at ``dixon_subcut_max_swapped_share`` or more
+    # (phantoms with the whole pair swapped: muscle 0.80-1.00, fat 0.65-0.99, on labels
+    # segmented from the swapped pair itself; where only part of the field was swapped the
+    # muscle read at most 0.55), the pair was swapped throughout or given the wrong way round:
+    # ``pipeline.api.run_subject`` exchanges fat and water and runs the scan again, with a
+    # warning. Above 1: never.
+    dixon_exchange_share: float = 0.7
     dixon_swap_source: str = "ifi_seg_design"
     # Fat fraction -> Goutallier grade boundaries (upper bounds of grades 0..3)
     goutallier_ff_bounds: tuple = (0.08, 0.20, 0.40, 0.55)

@@ -159,6 +159,19 @@ def _empty_hip(side: str, reason: str) -> dict:
     return rec
 
 
+def dixon_swapped_throughout(result: dict, cfg: MeasureConfig) -> bool:
+    """True when every hip of a ``measure_hips`` result that has a Dixon swap check (at least
+    one) reads swapped by both signs: its reference muscle at ``cfg.dixon_exchange_share`` or
+    more and its subcutaneous fat at ``cfg.dixon_subcut_max_swapped_share`` or more. The whole
+    pair is then swapped (or was given the wrong way round), not just part of it."""
+    limits = {"reference_swapped_share": cfg.dixon_exchange_share,
+              "subcutaneous_swapped_share": cfg.dixon_subcut_max_swapped_share}
+    checks = [h["dixon_swap_check"] for h in result["hips"].values()
+              if h.get("present") and h.get("dixon_swap_check")]
+    return bool(checks) and all(c.get(k) is not None and c[k] >= limit
+                                for c in checks for k, limit in limits.items())
+
+
 def _flags(rec: dict, cfg: MeasureConfig) -> list:
     """Findings against the configured cut-offs (worded as findings, not diagnoses)."""
     flags = []

@@ -164,3 +164,49 @@ def test_swap_confined_to_the_muscles_is_caught_by_the_reference_muscle():
     check = left["dixon_swap_check"]
     assert check["subcutaneous_swapped_share"] < 0.3 and check["reference_swapped_share"] > 0.9
     assert left["qf_fat_fraction"] is None and "reference muscle above 0.5" in left["reasons"]["fat"]
+
+
+@pytest.mark.parametrize("with_t1", [False, True])
+def test_pair_given_the_wrong_way_round_is_exchanged_and_run_again(tmp_path, monkeypatch, with_t1):
+    """Fat and water given the wrong way round read swapped around every hip: run_subject
+    exchanges them, says so, and grades the fat from the right images; a Dixon-only scan is
+    segmented again from the T1-like image of the exchanged pair. A pair swapped over half the
+    field is not exchanged (that hip is withheld, as measure does)."""
+    import pipeline.segment as seg_mod
+    from tests.synthetic_subject import make_images
+
+    lab = make_labels()
+    fat, water = dixon_pair(lab)
+    save_nifti(fat, tmp_path / "fat.nii.gz")
+    save_nifti(water, tmp_path / "water.nii.gz")
+    save_nifti(make_images(lab)["t1"], tmp_path / "t1.nii.gz")
+    seen = []
+
+    def oracle(images, model, reference=None, **kw):
+        seen.append(images["t1"])
+        return seg_mod.Segmentation(Image(lab.array.copy(), images["t1"].affine.copy(), "labels"),
+                                    {n: 0.9 for n in LABELS if n != "background"})
+
+    monkeypatch.setattr(seg_mod, "segment", oracle)
+    extra = {"t1": tmp_path / "t1.nii.gz"} if with_t1 else {}
+    rec = run_subject({"dixon_fat": tmp_path / "water.nii.gz", "dixon_water": tmp_path / "fat.nii.gz", **extra},
+                      tmp_path / "out", model=object())
+    assert any("exchanged" in w for w in rec["provenance"]["warnings"])
+    right, left = rec["hips"]["right"], rec["hips"]["left"]
+    assert right["qf_fat_method"] == "dixon" and right["qf_fat_fraction"] == pytest.approx(RIGHT_QF_FF, abs=0.05)
+    assert left["qf_fat_method"] == "dixon" and left["qf_fat_fraction"] < 0.08
+    if with_t1:
+        assert len(seen) == 1                                   # the T1 was segmented once
+    else:
+        assert len(seen) == 2 and "segmented and measured again" in " ".join(rec["provenance"]["warnings"])
+        lean = lab.array == LABELS["gluteus_maximus"]
+        assert seen[0].array[lean].mean() > seen[1].array[lean].mean()   # muscle bright, then not
+    x = lab.voxel_to_world(np.indices(lab.shape).reshape(3, -1).T)[:, 0].reshape(lab.shape)
+    half = x < 0
+    save_nifti(Image(np.where(half, water.array, fat.array), fat.affine.copy()), tmp_path / "hf.nii.gz")
+    save_nifti(Image(np.where(half, fat.array, water.array), fat.affine.copy()), tmp_path / "hw.nii.gz")
+    rec = run_subject({"dixon_fat": tmp_path / "hf.nii.gz", "dixon_water": tmp_path / "hw.nii.gz", **extra},
+                      tmp_path / "out2", model=object())
+    assert not any("exchanged" in w for w in rec["provenance"]["warnings"])
+    assert rec["hips"]["right"]["qf_fat_method"] == "dixon"
+    assert rec["hips"]["left"]["qf_fat_method"] == ("t1_calibrated" if with_t1 else "dixon")
