@@ -284,12 +284,12 @@ def _measure_hip(side: str, hip: dict, other: dict | None, labels: Image, images
             "subcutaneous_fat_fraction", "subcutaneous_swapped_share", "reference_swapped_share")}
         if fat.get("swap_suspected"):
             if images.get("t1") is not None:
-                why = fat["reason"].split(": ", 1)[1].split(" (")[0]
+                evidence = fat["swap_evidence"]
                 fat = signal.fat_t1(images["t1"], qf, ref, subcut, aff, cfg, shading["t1"])
-                warn.append(f"Dixon fat and water look swapped around this hip ({why}): fat "
+                warn.append(f"Dixon fat and water look swapped around this hip ({evidence}): fat "
                             "graded from the T1 instead")
             else:
-                warn.append(f"{fat['reason']}: fat not graded")
+                warn.append(f"fat not graded: {fat['reason']}")
     elif images.get("t1") is not None:
         fat = signal.fat_t1(images["t1"], qf, ref, subcut, aff, cfg, shading["t1"])
     else:

@@ -394,11 +394,13 @@ def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
                         "QF reads a fat fraction below 0.5")
         if check.get("reference_swapped_share") is not None:
             read.append(f"{check['reference_swapped_share']:.0%} of the reference muscle above 0.5")
+        evidence = ", ".join(read)
         return {"fat_fraction": None, "method": "dixon", "swap_suspected": True, **check,
-                "reason": "Dixon fat and water look swapped around this hip: " + ", ".join(read)
-                          + " (fat reads about 0.9, muscle below 0.1). A failed water-fat "
-                          "separation, the two series given the wrong way round, or (muscle "
-                          "only) a reference muscle largely replaced by fat; check the Dixon images"}
+                "swap_evidence": evidence,
+                "reason": f"Dixon fat and water look swapped around this hip: {evidence} (fat reads "
+                          "about 0.9, muscle below 0.1). A failed water-fat separation, the two "
+                          "series given the wrong way round, or (muscle only) a reference muscle "
+                          "largely replaced by fat; check the Dixon images"}
     # In-plane erosion only: also dropping the QF's first / last label slices (partial volume
     # at its ends) samples a heterogeneous muscle (fat streaks vary along it) so unevenly that
     # it costs more than it saves (phantom cohort: fat-fraction MAE 0.066 with, 0.02 without).
