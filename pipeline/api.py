@@ -330,13 +330,17 @@ def run_subject(inputs: dict, out_dir, *, model=None, config=None, subject=None,
             net_images = network_inputs(images, [])
             labels, seg_info = _segment_on_reference(net_images, model, ref_role, reference, [])
             again = "segmented and measured"
-        warnings.append(f"Dixon fat and water read swapped around every hip (reference muscle "
-                        f"{config.dixon_exchange_share:.0%} or more above fat fraction 0.5, "
-                        f"subcutaneous fat {config.dixon_subcut_max_swapped_share:.0%} or more "
-                        f"below it): the two images were exchanged and the scan {again} again; "
-                        "check which series is which")
+        exchanged = (f"Dixon fat and water read swapped around every hip (reference muscle "
+                     f"{config.dixon_exchange_share:.0%} or more above fat fraction 0.5, "
+                     f"subcutaneous fat {config.dixon_subcut_max_swapped_share:.0%} or more below "
+                     f"it): the two images were exchanged and the scan {again} again; check which "
+                     "series is which")
+        warnings.append(exchanged)
         with _stage_errors("measure"):
             result = measure_hips(labels, images, config=config)
+        for hip in result["hips"].values():      # each hip's row of a cohort's table says so too
+            if hip.get("present"):
+                hip["warnings"].append(exchanged)
     timings["measure_s"] = time.perf_counter() - t0
 
     inputs_desc = {role: _input_description(role, inputs[role], img, hashes.get(role))

@@ -193,6 +193,7 @@ def test_pair_given_the_wrong_way_round_is_exchanged_and_run_again(tmp_path, mon
                       tmp_path / "out", model=object())
     assert any("exchanged" in w for w in rec["provenance"]["warnings"])
     right, left = rec["hips"]["right"], rec["hips"]["left"]
+    assert any("exchanged" in w for w in right["warnings"]) and any("exchanged" in w for w in left["warnings"])
     assert right["qf_fat_method"] == "dixon" and right["qf_fat_fraction"] == pytest.approx(RIGHT_QF_FF, abs=0.05)
     assert left["qf_fat_method"] == "dixon" and left["qf_fat_fraction"] < 0.08
     if with_t1:
