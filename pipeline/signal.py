@@ -376,9 +376,11 @@ def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
     half a Dixon voxel plus ``fat_core_depth_mm``. Dixon voxels are often 2-3 mm, so a voxel
     merely centred that deep would still reach to within a millimetre of the outline and read
     the fat beyond an outline that strays outward. The magnitude noise floor, which lifts the
-    small fat signal of lean muscle, is removed per voxel (sqrt(M^2 - sigma^2)); sigma comes from
-    neighbour differences of the water image inside the reference muscle (water and fat share one
-    acquisition's noise).
+    small fat signal of lean muscle, is removed per voxel as power: a magnitude voxel M of
+    signal A with Gaussian noise sigma in each of its real and imaginary parts has E[M^2] = A^2
+    + 2 sigma^2, so sqrt(max(M^2 - 2 sigma^2, 0)). sigma comes from neighbour differences of the
+    water image inside the reference muscle, where the signal is high and the magnitude's noise
+    is that per-channel sigma (water and fat share one acquisition's noise).
     """
     from .image import resample_like
 
@@ -416,8 +418,9 @@ def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
         sigma = noise_sigma(water, erode_inplane(reference, label_affine, cfg.min_signal_voxels,
                                                  image_depth_mm(water)), label_affine)
     if sigma:
-        f = np.sqrt(np.maximum(f * f - sigma * sigma, 0.0))
-        w = np.sqrt(np.maximum(w * w - sigma * sigma, 0.0))
+        floor = 2.0 * sigma * sigma
+        f = np.sqrt(np.maximum(f * f - floor, 0.0))
+        w = np.sqrt(np.maximum(w * w - floor, 0.0))
     s = f + w
     ok = s > 1e-6 * max(float(s.max(initial=0)), 1e-12)
     if ok.sum() < cfg.min_signal_voxels:
