@@ -387,16 +387,8 @@ def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
     if not fat.same_grid(water, atol=1e-3):
         water = resample_like(water, fat, order=1)
     check = dixon_swap_check(fat, water, subcut, reference, label_affine, cfg)
-    limits = {"subcutaneous_swapped_share": cfg.dixon_subcut_max_swapped_share,
-              "reference_swapped_share": cfg.dixon_reference_max_swapped_share}
-    if any(check[k] is not None and check[k] >= limit for k, limit in limits.items()):
-        read = []
-        if check.get("subcutaneous_swapped_share") is not None:
-            read.append(f"{check['subcutaneous_swapped_share']:.0%} of the subcutaneous fat near the "
-                        "QF reads a fat fraction below 0.5")
-        if check.get("reference_swapped_share") is not None:
-            read.append(f"{check['reference_swapped_share']:.0%} of the reference muscle above 0.5")
-        evidence = ", ".join(read)
+    evidence = _swap_evidence(check, cfg)
+    if evidence:
         return {"fat_fraction": None, "method": "dixon", "swap_suspected": True, **check,
                 "swap_evidence": evidence,
                 "reason": f"Dixon fat and water look swapped around this hip: {evidence} (fat reads "
@@ -429,6 +421,21 @@ def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
     return {"fat_fraction": float(ff.mean()), "fat_fraction_median": float(np.median(ff)),
             "method": "dixon", "noise_sigma": sigma, "n_voxels": int(ok.sum()),
             **check, "swap_suspected": False, "reason": None}
+
+
+def _swap_evidence(check: dict, cfg: MeasureConfig) -> str | None:
+    """What a ``dixon_swap_check`` read, in words, when a share reaches its limit; else None."""
+    limits = {"subcutaneous_swapped_share": cfg.dixon_subcut_max_swapped_share,
+              "reference_swapped_share": cfg.dixon_reference_max_swapped_share}
+    if not any(check[k] is not None and check[k] >= limit for k, limit in limits.items()):
+        return None
+    read = []
+    if check["subcutaneous_swapped_share"] is not None:
+        read.append(f"{check['subcutaneous_swapped_share']:.0%} of the subcutaneous fat near the QF "
+                    "reads a fat fraction below 0.5")
+    if check["reference_swapped_share"] is not None:
+        read.append(f"{check['reference_swapped_share']:.0%} of the reference muscle above 0.5")
+    return ", ".join(read)
 
 
 def dixon_swap_check(fat: Image, water: Image, subcut: Mask | None, reference: Mask | None,
