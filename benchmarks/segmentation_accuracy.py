@@ -20,7 +20,9 @@ graded from it, as ``infer.py`` runs a Dixon-only scan) it segments the scan and
   (IFS ``ifs_3d_mm``, QFS ``qfs_3d_mm``, edema grade, Goutallier grade: from T1, or from Dixon
   with ``--dixon``), the QFS error also split by the module's plausibility check
   (``qfs_plausible``: false when QFS > IFS); the same on the true label map
-  (``--truth-labels``) separates segmentation error from measurement error.
+  (``--truth-labels``) separates segmentation error from measurement error;
+* a Dixon pair that reads swapped around every hip (``measure.dixon_swapped_throughout``) is
+  exchanged and the scan run again, as ``infer.py`` does (column ``dixon_exchanged``).
 
 Prints a summary (means per mode) against the targets of the issue, with 95 % intervals:
 bootstrap over subjects for mean Dice and MAE, Wilson for grade agreement (plus the linearly
