@@ -150,7 +150,9 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
         if dixon_pair and (dixon or mode == "dixon") and \
                 dixon_swapped_throughout(measured, config or MeasureConfig()):
             # swapped around every hip: exchanged and run again, as infer.py does
-            swapped = {"dixon_fat": dixon_pair["dixon_water"], "dixon_water": dixon_pair["dixon_fat"]}
+            from pipeline.dixon_input import exchanged as exchange_pair
+
+            swapped = exchange_pair(dixon_pair)
             exchanged = True
             if mode == "dixon":
                 from pipeline.api import network_inputs

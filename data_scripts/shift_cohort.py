@@ -214,11 +214,8 @@ def fat_water_swapped(images: dict, col: str, share: float) -> np.ndarray:
     partner = images["dixon_water" if col == "dixon_fat" else "dixon_fat"]
     if not partner.same_grid(img):
         partner = resample_like(partner, img, order=1)
-    ref = images["dixon_fat"]
-    corners = np.array([[i, j, k] for i in (0, ref.shape[0] - 1) for j in (0, ref.shape[1] - 1)
-                        for k in (0, ref.shape[2] - 1)], float)
-    x = ref.voxel_to_world(corners)[:, 0]
-    cut = x.max() - share * (x.max() - x.min()) - 1e-3
+    x = world_grid(images["dixon_fat"])[0]
+    cut = float(x.max()) - share * float(x.max() - x.min()) - 1e-3
     return np.where(world_grid(img)[0] >= cut, partner.array, img.array)
 
 

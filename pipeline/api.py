@@ -323,24 +323,26 @@ def run_subject(inputs: dict, out_dir, *, model=None, config=None, subject=None,
         # the whole pair reads swapped around every hip: exchanged, and the scan run again (a
         # Dixon-only scan is segmented again too, since its network input was made from the pair,
         # when the two share a grid: the labels stay on the reference grid)
-        images = {**images, "dixon_fat": images["dixon_water"], "dixon_water": images["dixon_fat"]}
+        from pipeline.dixon_input import exchanged
+
+        images = exchanged(images)
         again = "measured"
         dixon_only = not any(k in images for k in ("t1", "fluid"))
         if net_images is not None and dixon_only and images["dixon_fat"].same_grid(reference):
             net_images = network_inputs(images, [])
             labels, seg_info = _segment_on_reference(net_images, model, ref_role, reference, [])
             again = "segmented and measured"
-        exchanged = (f"Dixon fat and water read swapped around every hip (reference muscle "
-                     f"{config.dixon_exchange_share:.0%} or more above fat fraction 0.5, "
-                     f"subcutaneous fat {config.dixon_subcut_max_swapped_share:.0%} or more below "
-                     f"it): the two images were exchanged and the scan {again} again; check which "
-                     "series is which")
-        warnings.append(exchanged)
+        notice = (f"Dixon fat and water read swapped around every hip (reference muscle "
+                  f"{config.dixon_exchange_share:.0%} or more above fat fraction 0.5, "
+                  f"subcutaneous fat {config.dixon_subcut_max_swapped_share:.0%} or more below "
+                  f"it): the two images were exchanged and the scan {again} again; check which "
+                  "series is which")
+        warnings.append(notice)
         with _stage_errors("measure"):
             result = measure_hips(labels, images, config=config)
         for hip in result["hips"].values():      # each hip's row of a cohort's table says so too
             if hip.get("present"):
-                hip["warnings"].append(exchanged)
+                hip["warnings"].append(notice)
     timings["measure_s"] = time.perf_counter() - t0
 
     inputs_desc = {role: _input_description(role, inputs[role], img, hashes.get(role))

@@ -41,3 +41,9 @@ def t1_like_from_dixon(fat: Image, water: Image, water_weight: float = DIXON_T1_
     meta = {k: v for k, v in fat.meta.items() if k in ("format", "sequence", "identifiers")}
     meta["synthesised_from"] = f"dixon: fat + {water_weight:g} x water"
     return Image(arr, fat.affine.copy(), "t1", meta)
+
+
+def exchanged(images: dict) -> dict:
+    """The image dict with its Dixon fat and water exchanged (a pair swapped throughout, or given
+    the wrong way round: ``pipeline.measure.dixon_swapped_throughout``)."""
+    return {**images, "dixon_fat": images["dixon_water"], "dixon_water": images["dixon_fat"]}

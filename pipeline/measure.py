@@ -280,8 +280,7 @@ def _measure_hip(side: str, hip: dict, other: dict | None, labels: Image, images
     elif images.get("dixon_fat") is not None and images.get("dixon_water") is not None:
         fat = signal.fat_dixon(images["dixon_fat"], images["dixon_water"], qf, aff, cfg,
                                ref, subcut)
-        rec["dixon_swap_check"] = {k: fat.get(k) for k in (
-            "subcutaneous_fat_fraction", "subcutaneous_swapped_share", "reference_swapped_share")}
+        rec["dixon_swap_check"] = fat["swap_check"]
         if fat.get("swap_suspected"):
             if images.get("t1") is not None:
                 evidence = fat["swap_evidence"]

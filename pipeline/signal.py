@@ -389,8 +389,8 @@ def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
     check = dixon_swap_check(fat, water, subcut, reference, label_affine, cfg)
     evidence = _swap_evidence(check, cfg)
     if evidence:
-        return {"fat_fraction": None, "method": "dixon", "swap_suspected": True, **check,
-                "swap_evidence": evidence,
+        return {"fat_fraction": None, "method": "dixon", "swap_suspected": True,
+                "swap_check": check, "swap_evidence": evidence,
                 "reason": f"Dixon fat and water look swapped around this hip: {evidence} (fat reads "
                           "about 0.9, muscle below 0.1). A failed water-fat separation, the two "
                           "series given the wrong way round, or (muscle only) a reference muscle "
@@ -413,14 +413,20 @@ def fat_dixon(fat: Image, water: Image, qf: Mask, label_affine: np.ndarray,
         floor = 2.0 * sigma * sigma
         f = np.sqrt(np.maximum(f * f - floor, 0.0))
         w = np.sqrt(np.maximum(w * w - floor, 0.0))
+    ff = _voxel_fat_fractions(f, w)
+    if ff.size < cfg.min_signal_voxels:
+        return {"fat_fraction": None, "method": "dixon", "swap_check": check,
+                "reason": "too few QF voxels with signal"}
+    return {"fat_fraction": float(ff.mean()), "fat_fraction_median": float(np.median(ff)),
+            "method": "dixon", "noise_sigma": sigma, "n_voxels": int(ff.size),
+            "swap_check": check, "swap_suspected": False, "reason": None}
+
+
+def _voxel_fat_fractions(f: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """fat / (fat + water) of each Dixon voxel that carries signal, clipped to 0..1."""
     s = f + w
     ok = s > 1e-6 * max(float(s.max(initial=0)), 1e-12)
-    if ok.sum() < cfg.min_signal_voxels:
-        return {"fat_fraction": None, "method": "dixon", "reason": "too few QF voxels with signal"}
-    ff = np.clip(f[ok] / s[ok], 0.0, 1.0)
-    return {"fat_fraction": float(ff.mean()), "fat_fraction_median": float(np.median(ff)),
-            "method": "dixon", "noise_sigma": sigma, "n_voxels": int(ok.sum()),
-            **check, "swap_suspected": False, "reason": None}
+    return np.clip(f[ok] / s[ok], 0.0, 1.0)
 
 
 def _swap_evidence(check: dict, cfg: MeasureConfig) -> str | None:
@@ -451,11 +457,9 @@ def dixon_swap_check(fat: Image, water: Image, subcut: Mask | None, reference: M
         if mask is None:
             return None
         m = erode_inplane(mask, label_affine, cfg.min_signal_voxels, image_depth_mm(fat))
-        f = sample_in_mask(fat, m, label_affine)
-        w = sample_in_mask(water, m, label_affine)
-        s = f + w
-        ok = s > 1e-6 * max(float(s.max(initial=0)), 1e-12)
-        return np.clip(f[ok] / s[ok], 0.0, 1.0) if ok.sum() >= cfg.min_signal_voxels else None
+        ff = _voxel_fat_fractions(sample_in_mask(fat, m, label_affine),
+                                  sample_in_mask(water, m, label_affine))
+        return ff if ff.size >= cfg.min_signal_voxels else None
 
     out = {"subcutaneous_fat_fraction": None, "subcutaneous_swapped_share": None,
            "reference_swapped_share": None}
