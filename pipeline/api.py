@@ -167,6 +167,7 @@ def _load_inputs(inputs: dict, max_voxels: int | None, warnings: list[str]) -> d
             raise SubjectError("load", f"{role}: {exc}") from exc
         if role == "fluid":
             img.meta["fluid_kind"] = kind
+        warnings += [f"{role}: {w}" for w in img.meta.get("warnings", [])]
         images[role] = img
     ref_role = reference_role(images)
     for role, img in images.items():
@@ -230,6 +231,7 @@ def _load_labels(labels_override, label_table, reference: Image, warnings: list[
         lab = load_nifti(path, "labels") if path.is_file() else load_series(path, "labels", validate=False)
     except ImageError as exc:
         raise SubjectError("labels", str(exc)) from exc
+    warnings += [f"labels: {w}" for w in lab.meta.get("warnings", [])]
     table_path = resolve_label_table(labels_override, label_table)
     if table_path is not None:
         try:

@@ -143,7 +143,54 @@ def load_nifti(path: str | Path, kind: str | None = None) -> Image:
     affine = nii.affine
     if affine is None or not np.all(np.isfinite(affine)):
         raise ImageError(f"{path}: missing or invalid affine")
-    return Image(data, affine, kind, {"source": str(path)})
+    warnings = _check_header_orientation(nii.header, data.shape, path)
+    meta = {"source": str(path)}
+    if warnings:
+        meta["warnings"] = warnings
+    return Image(data, affine, kind, meta)
+
+
+#: sform and qform axes further apart than this contradict each other (a flip or a permutation,
+#: not rounding or the shear a qform cannot hold).
+HEADER_AXIS_CONTRADICTION_DEG = 30.0
+#: sform and qform placing a corner voxel further apart than this get a warning.
+HEADER_WARN_SHIFT_MM = 1.0
+
+
+def _check_header_orientation(header, shape, path) -> list[str]:
+    """Refuse a NIfTI header whose orientation cannot be trusted; return warnings for a doubtful one.
+
+    Without an sform or a qform (both codes 0, as after some conversions) nibabel falls back to
+    a made-up orientation, so left and right would be guessed. When both are set, nibabel (as
+    FSL and dcm2niix's readers) uses the sform, but some viewers show the qform: if their axes
+    point different ways (a flip), which side is which depends on the program.
+    """
+    if "sform_code" not in header or "qform_code" not in header:
+        return []
+    sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+    if sform_code == 0 and qform_code == 0:
+        raise ImageError(f"{path}: the NIfTI header holds no orientation (sform and qform codes both 0), "
+                         "so left and right cannot be told apart; convert the scan again keeping its "
+                         "orientation (e.g. dcm2niix) or set its sform to the scanner affine")
+    if sform_code == 0 or qform_code == 0:
+        return []
+    sform, qform = header.get_sform(), header.get_qform()
+    ds = sform[:3, :3] / np.linalg.norm(sform[:3, :3], axis=0)
+    dq = qform[:3, :3] / np.linalg.norm(qform[:3, :3], axis=0)
+    angles = np.degrees(np.arccos(np.clip((ds * dq).sum(axis=0), -1.0, 1.0)))
+    if angles.max() > HEADER_AXIS_CONTRADICTION_DEG:
+        axis = int(np.argmax(angles))
+        raise ImageError(f"{path}: the NIfTI sform and qform contradict each other (voxel axis {axis} points "
+                         f"{angles[axis]:.0f} degrees apart), so viewers disagree on which side is which; "
+                         "fix the header (set both to the scanner affine) before measuring")
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                        for k in (0, shape[2] - 1)])
+    shift = float(np.linalg.norm((corners @ sform.T - corners @ qform.T)[:, :3], axis=1).max())
+    if shift > HEADER_WARN_SHIFT_MM:
+        return [f"the NIfTI sform and qform place the field of view up to {shift:.1f} mm apart; "
+                "the sform was used (as nibabel and FSL do); a viewer showing the qform will not "
+                "overlay the outputs exactly"]
+    return []
 
 
 def atomic_write(path: str | Path, write_fn) -> None:

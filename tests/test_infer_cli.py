@@ -65,6 +65,39 @@ def test_single_scan_with_labels(tmp_path, capsys):
     assert {p.name for p in out.iterdir()} >= {"measurements.json", "labels.nii.gz", "labels.json", "qc.png"}
 
 
+def test_header_orientation_checks_end_to_end(tmp_path, capsys):
+    """A STIR whose qform sits 3 mm off its sform is measured with a warning in the record; a T1
+    whose header holds no orientation fails with one clear line (left/right would be a guess)."""
+    import nibabel as nib
+
+    p = write_subject(tmp_path / "in", seed=0)
+    stir = nib.load(str(p["stir"]))
+    shifted = stir.affine.copy()
+    shifted[:3, 3] += [0.0, 0.0, 3.0]
+    doubtful = nib.Nifti1Image(np.asarray(stir.dataobj), stir.affine)
+    doubtful.set_sform(stir.affine, code=1)
+    doubtful.set_qform(shifted, code=1)
+    nib.save(doubtful, str(tmp_path / "stir_doubtful.nii.gz"))
+    out = tmp_path / "ok"
+    assert infer.main(["--t1", str(p["t1"]), "--stir", str(tmp_path / "stir_doubtful.nii.gz"),
+                       "--labels", str(p["labels"]), "--out", str(out)]) == 0
+    rec = json.loads((out / "measurements.json").read_text())
+    warnings = rec["provenance"]["warnings"]
+    assert any(w.startswith("fluid: the NIfTI sform and qform") for w in warnings), warnings
+
+    t1 = nib.load(str(p["t1"]))
+    blind = nib.Nifti1Image(np.asarray(t1.dataobj), t1.affine)
+    blind.set_sform(t1.affine, code=0)
+    blind.set_qform(t1.affine, code=0)
+    nib.save(blind, str(tmp_path / "t1_blind.nii.gz"))
+    capsys.readouterr()
+    assert infer.main(["--t1", str(tmp_path / "t1_blind.nii.gz"), "--labels", str(p["labels"]),
+                       "--out", str(tmp_path / "refused")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no orientation" in err[0]
+    assert not (tmp_path / "refused" / "measurements.json").exists()
+
+
 def test_single_scan_failure_exit_1(tmp_path, capsys):
     code = infer.main(["--t1", str(tmp_path / "missing.nii.gz"), "--labels", str(tmp_path / "l.nii.gz"),
                        "--out", str(tmp_path / "o")])

@@ -106,6 +106,55 @@ def test_labels_are_not_intensity_validated(tmp_path):
     assert load_series(p, "labels").array.max() == 0
 
 
+def _with_codes(path, data, sform, sform_code, qform, qform_code):
+    img = nib.Nifti1Image(np.asarray(data), sform)
+    img.set_sform(sform, code=sform_code)
+    img.set_qform(qform, code=qform_code)
+    nib.save(img, str(path))
+    return path
+
+
+def test_header_without_orientation_is_refused(tmp_path):
+    """Both codes 0: nibabel would make up an orientation, so left and right would be a guess."""
+    data = np.random.default_rng(5).uniform(size=(8, 8, 4)).astype(np.float32)
+    aff = np.diag([-0.8, 0.8, 4.0, 1.0])
+    p = _with_codes(tmp_path / "analyze_like.nii.gz", data, aff, 0, aff, 0)
+    _one_line_error(lambda: load_series(p, "t1"), "no orientation", "left and right")
+    _one_line_error(lambda: load_series(p, "labels"), "no orientation")
+
+
+def test_qform_only_header_is_used(tmp_path):
+    data = np.random.default_rng(6).uniform(size=(8, 8, 4)).astype(np.float32)
+    q = np.diag([-0.8, -0.8, 4.0, 1.0])  # LPS storage
+    q[:3, 3] = [10.0, 20.0, -30.0]
+    p = _with_codes(tmp_path / "qonly.nii.gz", data, np.eye(4), 0, q, 1)
+    img = load_series(p, "t1")
+    np.testing.assert_allclose(img.affine, q, atol=1e-5)
+    assert "warnings" not in img.meta
+
+
+def test_sform_and_qform_flipped_against_each_other_are_refused(tmp_path):
+    data = np.random.default_rng(7).uniform(size=(8, 8, 4)).astype(np.float32)
+    s = np.diag([0.8, 0.8, 4.0, 1.0])
+    q = np.diag([-0.8, 0.8, 4.0, 1.0])  # x flipped: the other side
+    p = _with_codes(tmp_path / "flip.nii.gz", data, s, 1, q, 1)
+    _one_line_error(lambda: load_series(p, "t1"), "contradict", "which side")
+
+
+def test_sform_and_qform_apart_give_a_warning_and_the_sform(tmp_path):
+    data = np.random.default_rng(8).uniform(size=(8, 8, 4)).astype(np.float32)
+    s = np.diag([0.8, 0.8, 4.0, 1.0])
+    q = s.copy()
+    q[:3, 3] = [0.0, 3.0, 0.0]
+    p = _with_codes(tmp_path / "apart.nii.gz", data, s, 1, q, 1)
+    img = load_series(p, "t1")
+    np.testing.assert_allclose(img.affine, s, atol=1e-6)
+    assert len(img.meta["warnings"]) == 1 and "3.0 mm" in img.meta["warnings"][0]
+    q[:3, 3] = [0.0, 0.3, 0.0]  # within rounding: silent
+    p = _with_codes(tmp_path / "close.nii.gz", data, s, 1, q, 1)
+    assert "warnings" not in load_series(p, "t1").meta
+
+
 def test_grid_overlap():
     a = Image(np.ones((10, 10, 10), np.float32), np.eye(4))
     inside = Image(np.ones((4, 4, 4), np.float32), np.eye(4))       # small FOV inside a large one
