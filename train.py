@@ -54,6 +54,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="probability per patch that one channel looks acquired coronal or sagittal "
                          "(3-5 mm slices along A-P or L-R, sometimes only a slab); 0 (default) leaves it out")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
+    ap.add_argument("--unannotated", choices=["auto", "pseudo", "marginal"], default="auto",
+                    help="subjects whose label table names only some structures: 'pseudo' completes "
+                         "their maps with the --init model's output, 'marginal' leaves the rest to the "
+                         "marginal loss; 'auto' (default): pseudo with --init, else marginal")
     ap.add_argument("--description", default=None,
                     help='training data description for the metadata, e.g. "synthetic phantoms: '
                          'data_scripts/make_phantoms.py --n 150 --seed 1"')
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                       val_fraction=a.val_fraction, max_val=a.max_val, seed=a.seed, resume=a.resume,
                       device=a.device, init=a.init, workers=a.workers, bf16=a.bf16, threads=a.threads,
                       class_weights=a.class_weights, contact_weight=a.contact_weight, tissue_contrast=a.tissue_contrast,
-                      other_plane=a.other_plane, progress=not a.no_progress, description=a.description)
+                      other_plane=a.other_plane, progress=not a.no_progress, description=a.description,
+                      unannotated=a.unannotated)
     summary = run_training(cfg)
     print(f"done: {summary['epochs']} epochs, best key-structure Dice {summary['best_key_dice']:.4f}, "
           f"{summary['elapsed_min']:.1f} min -> {summary['run_dir']}/best.safetensors")

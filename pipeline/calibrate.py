@@ -80,6 +80,8 @@ class CalibrationCase:
     fixed_tp: np.ndarray
     fixed_pred: np.ndarray
     truth_count: np.ndarray
+    #: (K,) bool: the classes the scan is annotated for (``training.annotated_mask``); None: all
+    annotated: np.ndarray | None = None
 
 
 @dataclass
@@ -139,7 +141,7 @@ def _network_crop(rec: dict, model, mode: str, margin_mm: float):
 
 
 def _dice_case(subject: str, mode: str, probs: np.ndarray, truth: np.ndarray,
-               box: tuple) -> CalibrationCase:
+               box: tuple, annotated: np.ndarray | None = None) -> CalibrationCase:
     """The ``CalibrationCase`` of one scan from the network's softmax over its box."""
     p = probs[(slice(None), *box)].reshape(probs.shape[0], -1)
     t = truth[box].ravel().astype(np.int64)
@@ -154,7 +156,7 @@ def _dice_case(subject: str, mode: str, probs: np.ndarray, truth: np.ndarray,
         subject=subject, mode=mode, logp=logp[:, open_].astype(np.float32), truth=t[open_],
         fixed_tp=np.bincount(pred[fixed][pred[fixed] == t[fixed]], minlength=k),
         fixed_pred=np.bincount(pred[fixed], minlength=k),
-        truth_count=np.bincount(t, minlength=k))
+        truth_count=np.bincount(t, minlength=k), annotated=annotated)
 
 
 def truth_measurements(labels) -> dict:
@@ -301,6 +303,8 @@ def case_dice(case: CalibrationCase, offsets: np.ndarray, classes: np.ndarray) -
     tp = case.fixed_tp + np.bincount(pred[pred == case.truth], minlength=k)
     npred = case.fixed_pred + np.bincount(pred, minlength=k)
     denom = (npred + case.truth_count)[classes].astype(float)
+    if case.annotated is not None:          # a structure nobody outlined on this scan: no score
+        denom[~case.annotated[classes]] = 0.0
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, 2.0 * tp[classes] / denom, np.nan)
 
@@ -358,7 +362,7 @@ def calibrate(model_path: str | Path, data: str | Path, modes=MODES, limit: int 
     measurement stage. Returns the calibration record stored under ``meta["calibration"]``."""
     from models.bundle import load_metadata, save_bundle, save_metadata
     from pipeline.segment import load_model
-    from pipeline.training import load_subject_labels, read_dataset
+    from pipeline.training import annotated_mask, load_subject_labels, read_dataset
 
     model = load_model(model_path, device="auto")
     records = read_dataset(data)[:limit]
@@ -379,7 +383,7 @@ def calibrate(model_path: str | Path, data: str | Path, modes=MODES, limit: int 
             if crop is None:
                 continue
             probs, truth, box, affine = crop
-            cases.append(_dice_case(r["subject"], mode, probs, truth, box))
+            cases.append(_dice_case(r["subject"], mode, probs, truth, box, annotated_mask(r)))
             if measurements:
                 if r["subject"] not in truths:
                     truths[r["subject"]] = truth_measurements(load_subject_labels(r))

@@ -90,6 +90,18 @@ def read_label_table(path: str | Path) -> dict[str, int]:
     return table
 
 
+def annotated_structures(label_table: str | Path | None) -> list[str]:
+    """The project structures a label map drawn with ``label_table`` was annotated for: those the
+    table names (plus background); every structure when there is no table. A group that outlined
+    only some structures lists only those; the rest of its map is then background or unannotated
+    (training's marginal loss and the Dice of calibration and validation skip them)."""
+    names = label_names()
+    if not label_table:
+        return list(names)
+    listed = set(read_label_table(label_table))
+    return [n for n in names if n == "background" or n in listed]
+
+
 def remap_to_project(array, table: Mapping[str, int]):
     """Map a label array numbered by ``table`` onto the project's own numbering.
 

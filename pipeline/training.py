@@ -19,6 +19,20 @@ in world coordinates); it uses the project's label values (``pipeline/labels.py`
 ``label_table`` names a JSON ``{"name": value}`` table with its own numbering, which is mapped
 onto the project's by structure name (unknown names become background).
 
+**Partial annotations.** A subject with a ``label_table`` counts as annotated for the
+structures its table names, and only for them: a group that outlined only the quadratus
+femoris, lesser trochanter, ischial tuberosity and hamstring origin lists just those four.
+Everything else in its map is "background or an unannotated structure". The network must not
+be taught that the femur, gluteus maximus or subcutaneous fat, which the post-processing and the
+signal measurements need, are background, so (``--unannotated``): when fine-tuning (``--init``)
+the model as given completes each training subject's map where it was left background with the
+structures the subject lacks (pseudo-labels, ``unannotated_filler``); otherwise the loss is the
+marginal loss of Shi et al. (Medical Image Analysis 2021): the probabilities of the classes a
+subject lacks are added to background's before Dice and cross-entropy. A structure the table
+names but the map does not contain is annotated as absent. Subjects without a table use the
+project's numbering and are annotated for every structure. Validation Dice skips a structure on
+subjects not annotated for it (their maps are never completed).
+
 What one training run does
 --------------------------
 Every subject is put on the working grid exactly as at inference (``pipeline.grid``) and cached
@@ -52,8 +66,8 @@ from pathlib import Path
 import numpy as np
 from monai.transforms import MapTransform, RandomizableTransform, Transform
 
-from pipeline.labels import (KEY_STRUCTURES, NUM_CLASSES, TISSUE_CLASSES, label_names, read_label_table,
-                             remap_to_project, tissue_lookup)
+from pipeline.labels import (KEY_STRUCTURES, NUM_CLASSES, TISSUE_CLASSES, annotated_structures, label_names,
+                             read_label_table, remap_to_project, tissue_lookup)
 
 #: Structures the "done" criteria are about; the best checkpoint maximises their mean Dice.
 
@@ -96,6 +110,10 @@ class TrainConfig:
     threads: int | None = None
     progress: bool = True
     description: str | None = None
+    #: partially annotated subjects: "pseudo" fills their unannotated structures from the
+    #: ``init`` model's output, "marginal" leaves them to the marginal loss; "auto": pseudo
+    #: when fine-tuning (``init`` given), marginal otherwise
+    unannotated: str = "auto"
 
 
 # ----------------------------------------------------------------------------------- data
@@ -116,10 +134,17 @@ def read_dataset(data: str | Path) -> list[dict]:
                    "fluid": path("fluid"), "labels": path("labels"), "label_table": path("label_table")}
             if rec["labels"] is None or (rec["t1"] is None and rec["fluid"] is None):
                 raise ValueError(f"{csv_path}: row {i + 1} ({rec['subject']}) needs labels and t1 and/or fluid")
+            rec["annotated"] = annotated_structures(rec["label_table"])
             out.append(rec)
     if not out:
         raise ValueError(f"{csv_path}: no subjects")
     return out
+
+
+def annotated_mask(rec: dict) -> np.ndarray:
+    """(K,) bool: which classes ``rec`` is annotated for (background always)."""
+    listed = set(rec.get("annotated") or label_names())
+    return np.array([n == "background" or n in listed for n in label_names()], dtype=bool)
 
 
 def preprocess_subject(rec: dict, meta: dict) -> dict:
@@ -150,15 +175,18 @@ def load_subject_labels(rec: dict):
 
 
 class LoadCachedSubjectd(Transform):
-    """Deterministic MONAI transform: record -> preprocessed arrays (disk cache in ``cache_dir``).
+    """Deterministic MONAI transform: record -> preprocessed arrays (disk cache in ``cache_dir``);
+    with a ``filler`` (``unannotated_filler``) a partially annotated subject's label map is
+    completed by it and then counts as annotated for every structure.
 
     A MONAI ``Transform`` subclass on purpose: ``CacheDataset`` caches the deterministic head of
     the chain only up to the first object that is not one, and without the in-memory cache every
     step would reload the subject and recompute its class indices in the loader.
     """
 
-    def __init__(self, meta: dict, cache_dir: Path):
+    def __init__(self, meta: dict, cache_dir: Path, filler=None):
         self.meta, self.cache_dir = meta, Path(cache_dir)
+        self.filler = filler
 
     def __call__(self, rec: dict) -> dict:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +201,36 @@ class LoadCachedSubjectd(Transform):
             from pipeline.image import atomic_write
 
             atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), **d))
-        return {"subject": rec["subject"], **d}
+        annotated = annotated_mask(rec)
+        if self.filler is not None and not annotated.all():
+            # kept in memory only (CacheDataset): the disk cache holds the annotation as drawn
+            d = dict(d, label=self.filler(d["image"], d["label"], annotated))
+            annotated = np.ones_like(annotated)
+        return {"subject": rec["subject"], **d, "annotated": annotated}
+
+
+def unannotated_filler(net, meta: dict, device, min_probability: float = 0.5):
+    """Pseudo-labels for partial annotations: a function ``(image, label, annotated) -> label``
+    that gives each voxel the annotation left as background the structure ``net`` (the model
+    being fine-tuned, as loaded) finds there, where that structure is one the subject was not
+    annotated for and the network gives it at least ``min_probability``. Drawn structures and
+    drawn background stay as they are (self-training, as TotalSegmentator filled the classes a
+    dataset lacked with a model's predictions). Keeping the filled labels a few millimetres
+    from the drawn structures, the rest left to the marginal loss, was worse (docs/performance.md)."""
+    import torch
+
+    from pipeline.segment import predict_logits
+
+    def fill(image, label, annotated):
+        probs = torch.softmax(predict_logits(net, np.asarray(image, np.float32), meta, device), dim=0)
+        conf, pred = probs.max(dim=0)
+        pred, conf = pred.numpy(), conf.numpy()
+        out = np.array(label, copy=True)
+        take = (out[0] == 0) & ~np.asarray(annotated, bool)[pred] & (conf >= min_probability)
+        out[0][take] = pred[take]
+        return out
+
+    return fill
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -392,7 +449,7 @@ class RandChannelDropoutd(_RandOneOfPresentChannels):
 
 
 def train_transforms(meta: dict, cache_dir: Path, samples: int, patch, tissue_contrast: float = 0.0,
-                     other_plane: float = 0.0) -> "object":
+                     other_plane: float = 0.0, filler=None) -> "object":
     """The MONAI dictionary transform chain (deterministic head is cached by CacheDataset).
 
     ``samples``: patches drawn from each subject (the loader stacks the subjects of one step).
@@ -412,7 +469,7 @@ def train_transforms(meta: dict, cache_dir: Path, samples: int, patch, tissue_co
     ratios = [CLASS_RATIOS.get(n, 1.0) for n in names]
     keys = ("image", "label")
     return Compose([
-        LoadCachedSubjectd(meta, cache_dir),
+        LoadCachedSubjectd(meta, cache_dir, filler),
         SpatialPadd(keys, big),
         ClassesToIndicesd("label", num_classes=NUM_CLASSES, max_samples_per_class=2000),
         EnsureTyped(keys, track_meta=False),
@@ -446,6 +503,8 @@ def train_transforms(meta: dict, cache_dir: Path, samples: int, patch, tissue_co
         RandGaussianNoised("image", std=0.05, prob=0.3),
         RandChannelDropoutd(("image",), prob=0.4),
         EnsureTyped(keys, track_meta=False),
+        # MONAI's grid distortion turns some patches' masks into tensors and leaves others numpy
+        EnsureTyped("annotated", track_meta=False, allow_missing_keys=True),
     ])
 
 
@@ -492,7 +551,7 @@ def make_loss(class_weights: dict | None = None, device=None, contact_weight: fl
     al. 2015, restricted to where the measured structures touch).
     """
     import torch
-    from monai.losses import DiceCELoss
+    from monai.losses import DiceCELoss, DiceLoss
 
     class_weights = dict(class_weights or {})
     unknown = sorted(set(class_weights) - set(label_names()))
@@ -508,17 +567,40 @@ def make_loss(class_weights: dict | None = None, device=None, contact_weight: fl
         weight = torch.tensor([float(class_weights.get(n, 1.0)) for n in label_names()],
                               dtype=torch.float32, device=device)
     loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=weight)
-    if float(contact_weight) == 1.0:
-        return loss
+    marginal_dice = DiceLoss(to_onehot_y=True, softmax=False, batch=True, weight=weight)
 
-    def contact_weighted(out, y):
+    def weighted_ce(log_probs, y):
+        """Cross-entropy of (B, K, ...) log-probabilities, ``contact_weight`` on the contacts."""
         target = y[:, 0].long()
-        ce = torch.nn.functional.cross_entropy(out, target, weight=weight, reduction="none")
+        ce = torch.nn.functional.nll_loss(log_probs, target, weight=weight, reduction="none")
         voxel_w = 1.0 + (float(contact_weight) - 1.0) * contact_mask(y)[:, 0].float()
         class_w = weight[target] if weight is not None else torch.ones_like(ce)
-        return loss.dice(out, y) + (ce * voxel_w).sum() / class_w.sum()
+        return (ce * voxel_w).sum() / class_w.sum()
 
-    return contact_weighted
+    def full(out, y):
+        if float(contact_weight) == 1.0:
+            return loss(out, y)
+        return loss.dice(out, y) + weighted_ce(torch.log_softmax(out, dim=1), y)
+
+    def marginal(out, y, annotated):
+        """Classes a sample is not annotated for are merged into its background (Shi et al.
+        2021): their probability counts as background's, and they get none of their own."""
+        probs = torch.softmax(out, dim=1)
+        missing = ~annotated.to(device=out.device, dtype=torch.bool)
+        missing[:, 0] = False
+        m = missing.to(probs.dtype)[(...,) + (None,) * (probs.ndim - 2)]
+        kept = probs * (1.0 - m)
+        merged = torch.cat([kept[:, :1] + (probs * m).sum(dim=1, keepdim=True), kept[:, 1:]], dim=1)
+        return marginal_dice(merged, y) + weighted_ce(torch.log(merged.clamp_min(1e-7)), y)
+
+    def loss_fn(out, y, annotated=None):
+        """Dice + cross-entropy of logits ``out`` against ``y``; ``annotated`` (B, K) bool marks
+        the classes each sample is annotated for (None: all)."""
+        if annotated is None or bool(torch.as_tensor(annotated).all()):
+            return full(out, y)
+        return marginal(out, y, torch.as_tensor(annotated))
+
+    return loss_fn
 
 
 def _log(run_dir: Path, text: str) -> None:
@@ -543,22 +625,31 @@ def _split(records: list[dict], cfg: TrainConfig, run_dir: Path) -> tuple[list[d
 
 
 def validate(net, val_items: list[dict], meta: dict, device) -> dict[str, float]:
-    """Dice per class (MONAI DiceMetric) over whole validation volumes, both channels."""
+    """Dice per class (MONAI DiceMetric) over whole validation volumes, both channels: the mean
+    over the subjects annotated for the class whose truth holds it; NaN where none does."""
     import torch
     from monai.metrics import DiceMetric
 
     from pipeline.segment import predict_logits
 
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
     net.eval()
+    rows = []
     for it in val_items:
         logits = predict_logits(net, np.asarray(it["image"], np.float32), meta, device)
         pred = logits.argmax(0)
         lab = torch.as_tensor(np.asarray(it["label"][0]), dtype=torch.long)
         oh_p = torch.nn.functional.one_hot(pred, NUM_CLASSES).permute(3, 0, 1, 2)[None]
         oh_t = torch.nn.functional.one_hot(lab, NUM_CLASSES).permute(3, 0, 1, 2)[None]
-        metric(oh_p, oh_t)
-    per = metric.aggregate().cpu().numpy() if val_items else np.full(NUM_CLASSES - 1, np.nan)
+        row = metric(oh_p, oh_t)[0].cpu().numpy().astype(float)
+        annotated = np.asarray(it.get("annotated", np.ones(NUM_CLASSES, bool)), bool)
+        row[~annotated[1:]] = np.nan
+        rows.append(row)
+    per = np.full(NUM_CLASSES - 1, np.nan)
+    if rows:
+        rows = np.array(rows)
+        seen = ~np.isnan(rows).all(axis=0)
+        per[seen] = np.nanmean(rows[:, seen], axis=0)
     names = label_names()[1:]
     return {n: float(v) for n, v in zip(names, per)}
 
@@ -611,6 +702,20 @@ def run_training(cfg: TrainConfig) -> dict:
                         + "bias, gamma, histogram shift, "
                         "low resolution, blur, noise, channel dropout",
     }
+    if cfg.unannotated not in ("auto", "pseudo", "marginal"):
+        raise ValueError(f"unannotated must be auto, pseudo or marginal, not {cfg.unannotated!r}")
+    if cfg.unannotated == "pseudo" and not cfg.init:
+        raise ValueError("pseudo-labels for unannotated structures need a model to fine-tune (--init)")
+    partial = {n: sum(n not in r["annotated"] for r in records) for n in label_names()}
+    partial = {n: k for n, k in partial.items() if k}
+    fill = bool(partial) and cfg.unannotated != "marginal" and bool(cfg.init)
+    if partial:        # how many subjects lack each structure's annotation
+        how = (f"training subjects completed by pseudo-labels from {cfg.init}" if fill
+               else "marginal loss")
+        meta["training"]["subjects_not_annotated_for"] = partial
+        meta["training"]["unannotated"] = how
+        _log(run_dir, f"partial annotations ({how}); subjects not annotated for: "
+                      + ", ".join(f"{n} {k}" for n, k in partial.items()))
     cohort_info = Path(cfg.data) / "cohort.json" if Path(cfg.data).is_dir() else None
     if cohort_info is not None and cohort_info.exists():
         meta["training"]["cohort"] = json.loads(cohort_info.read_text())
@@ -637,7 +742,12 @@ def run_training(cfg: TrainConfig) -> dict:
     per_subject = min(cfg.patches_per_subject, cfg.batch)
     if per_subject < 1 or cfg.batch % per_subject:
         raise ValueError(f"--batch {cfg.batch} is not a multiple of --patches-per-subject {cfg.patches_per_subject}")
-    chain = train_transforms(meta, cache_dir, per_subject, cfg.patch, cfg.tissue_contrast, cfg.other_plane)
+    filler = None
+    if fill:           # the model as given, whatever this run (or a resumed one) makes of it
+        init_net, init_meta = load_bundle(cfg.init, device=device)
+        filler = unannotated_filler(init_net.eval(), init_meta, device)
+    chain = train_transforms(meta, cache_dir, per_subject, cfg.patch, cfg.tissue_contrast, cfg.other_plane,
+                             filler)
     train_ds = CacheDataset(train_recs, chain, cache_rate=1.0, num_workers=0, progress=cfg.progress)
     val_items = [val_transforms(meta, cache_dir)(r) for r in val_recs]
     _log(run_dir, f"cached {len(train_recs)} training + {len(val_recs)} validation subjects "
@@ -693,7 +803,7 @@ def run_training(cfg: TrainConfig) -> dict:
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = net(x)
-            loss = loss_fn(out.float(), y)
+            loss = loss_fn(out.float(), y, batch.get("annotated"))
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))

@@ -40,7 +40,7 @@ import numpy as np
 
 from pipeline import stats as S
 from pipeline.config import DISCLAIMER, MeasureConfig, load_config
-from pipeline.labels import LABELS, read_label_table, remap_to_project
+from pipeline.labels import LABELS, annotated_structures, read_label_table, remap_to_project
 
 SIDES = ("left", "right")
 EDEMA_GRADES = ("none", "mild", "marked")
@@ -451,18 +451,38 @@ def overlap_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Iterable[float])
     return out
 
 
-def side_masks(reference_img) -> tuple[dict, str]:
+def side_masks(reference_img, other_img=None) -> tuple[dict, str]:
     """Boolean masks of the patient's left and right half of a label map's grid, and the method.
 
     Uses ``pipeline.sides.assign_sides`` on the (reference) map: with both hips in view the
     mid-sagittal plane it finds splits the grid; with one hip the whole grid belongs to that
-    side. Without a usable answer from it, falls back to ``side_split_x`` (world-x midline).
+    side. A partial reference (no femur, say) may give only a weak answer or none: then
+    ``other_img``, a map on the same grid (the tool's), is asked first. Without a usable answer
+    from either, falls back to ``side_split_x`` (world-x midline of the reference).
     """
     shape = reference_img.shape
+    for img, weak_ok in ((reference_img, False), (other_img, False), (reference_img, True)):
+        if img is None:
+            continue
+        found = _sides_from_map(img, shape, weak_ok)
+        if found is not None:
+            return found
+    midline, single, method = side_split_x(reference_img)
+    if single is not None:
+        return {single: np.ones(shape, dtype=bool)}, method
+    right = _world_x(reference_img) > midline  # RAS: +x is the patient's right
+    return {"right": right, "left": ~right}, method
+
+
+def _sides_from_map(reference_img, shape, weak_ok: bool = True) -> tuple[dict, str] | None:
+    """``side_masks`` from ``pipeline.sides.assign_sides`` on one map, or None (also for an
+    answer it calls weak, unless ``weak_ok``)."""
     try:
         from pipeline.sides import assign_sides
 
         res = assign_sides(reference_img.array, reference_img.affine)
+        if not weak_ok and "weak" in str(res.method):
+            return None
         if res.mode == "bilateral" and res.midplane:
             point, normal = np.asarray(res.midplane["point"]), np.asarray(res.midplane["normal"])
             # signed distance to the plane is affine in (i, j, k): evaluate it separably
@@ -476,19 +496,18 @@ def side_masks(reference_img) -> tuple[dict, str]:
             return {side: np.ones(shape, dtype=bool)}, f"pipeline.sides single hip ({res.method})"
     except ImportError:
         pass
-    midline, single, method = side_split_x(reference_img)
-    if single is not None:
-        return {single: np.ones(shape, dtype=bool)}, method
-    right = _world_x(reference_img) > midline  # RAS: +x is the patient's right
-    return {"right": right, "left": ~right}, method
+    return None
 
 
-def compare_label_maps(result_img, reference_img, subject: str = "") -> tuple[list[dict], str]:
+def compare_label_maps(result_img, reference_img, subject: str = "",
+                       annotated=None) -> tuple[list[dict], str]:
     """Per structure and side overlap of a result label map against a reference map.
 
     The result is resampled (nearest neighbour) onto the reference grid. One side split, taken
-    from the reference map (``side_masks``), applies to both maps. Returns rows and the
-    side-split method used.
+    from the reference map (``side_masks``), applies to both maps. ``annotated``: the structures
+    the reference was drawn for (``labels.annotated_structures`` of its table; None: all); the
+    others are not compared, since an unannotated femur is not a femur the tool invented.
+    Returns rows and the side-split method used.
     """
     from pipeline.image import resample_like
 
@@ -496,14 +515,14 @@ def compare_label_maps(result_img, reference_img, subject: str = "") -> tuple[li
 
     res = (result_img if result_img.same_grid(reference_img)
            else resample_like(result_img, reference_img, order=0))
-    masks, method = side_masks(reference_img)
+    masks, method = side_masks(reference_img, res)
     rows = []
     spacing = reference_img.spacing
     res_arr, ref_arr = res.array, reference_img.array
     boxes_res = ndimage.find_objects(res_arr.astype(np.int32, copy=False))
     boxes_ref = ndimage.find_objects(ref_arr.astype(np.int32, copy=False))
     for name, value in LABELS.items():
-        if name == "background":
+        if name == "background" or (annotated is not None and name not in annotated):
             continue
         found = [b[value - 1] for b in (boxes_res, boxes_ref) if len(b) >= value and b[value - 1] is not None]
         if not found:
@@ -906,7 +925,8 @@ def run_validation(results: str | Path, reference: str | Path, out_dir: str | Pa
             try:
                 ref_img = load_label_image(ref_path, ref_table)
                 res_img = load_label_image(*res.labels[subject])
-                rows, method = compare_label_maps(res_img, ref_img, subject)
+                rows, method = compare_label_maps(res_img, ref_img, subject,
+                                                  annotated_structures(ref_table))
                 label_rows += rows
                 methods.add(method)
             except Exception as exc:  # a broken file is reported, the others still compared

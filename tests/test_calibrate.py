@@ -42,6 +42,20 @@ def test_fit_offsets_undoes_a_known_bias():
     assert unbiased["quadratus_femoris"] == 0.0 and a0 == b0
 
 
+def test_structures_a_scan_is_not_annotated_for_are_not_scored():
+    """A scan whose label table omits the iliopsoas tendon: the network's iliopsoas voxels there
+    (truth background) must not score Dice 0 and drag that class's offset down."""
+    k = len(LABELS)
+    case = _biased_case(0.0)
+    ilio = LABELS["iliopsoas_tendon"]
+    case.logp[ilio, :100] = 0.0                  # some voxels the network calls iliopsoas
+    classes = np.array([LABELS["quadratus_femoris"], ilio])
+    assert case_dice(case, np.zeros(k, np.float32), classes)[1] == 0.0
+    case.annotated = np.array([n != "iliopsoas_tendon" for n in LABELS])
+    d = case_dice(case, np.zeros(k, np.float32), classes)
+    assert np.isnan(d[1]) and d[0] > 0.9
+
+
 def test_calibrate_writes_offsets_per_input_combination(tmp_path):
     """The command fits on a small annotated cohort and stores one offset per calibrated class
     for each input combination in a new bundle's metadata; the weights are unchanged."""

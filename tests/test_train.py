@@ -92,6 +92,9 @@ def test_training_smoke_run_and_resume(dataset, tmp_path):
     assert meta["training"]["tissue_contrast"] == 1.0 and "tissue contrast" in meta["training"]["augmentation"]
     assert meta["training"]["other_plane"] == 1.0 and "other-plane" in meta["training"]["augmentation"]
     assert set(meta["metrics"]["val_dice"]) == {n for n in LABELS if n != "background"}
+    # s2's table names five structures: the others count as unannotated there
+    assert meta["training"]["subjects_not_annotated_for"] == {
+        n: 1 for n in ("femur", "pelvis", "gluteus_maximus", "subcutaneous_fat", "iliopsoas_tendon")}
     cfg.resume, cfg.epochs = True, 2
     s2 = run_training(cfg)
     assert s2["epochs"] == 2
@@ -250,6 +253,129 @@ def test_class_weight_makes_errors_on_that_structure_cost_more():
     assert ratio(make_loss({"quadratus_femoris": 3.0})) > 1.5
     with pytest.raises(ValueError, match="quadratus_femur"):
         make_loss({"quadratus_femur": 2.0})
+
+
+def test_partial_annotations_merge_unannotated_classes_into_background(dataset):
+    """A subject annotated only for some structures: the network's calling its unannotated
+    tissue 'femur' costs nothing (it may well be femur), calling its QF background still costs,
+    and with every class annotated the loss is the plain one, exactly."""
+    from monai.data import CacheDataset, DataLoader, list_data_collate
+    from torch.utils.data import Subset
+
+    from models.bundle import default_metadata
+    from pipeline.training import annotated_mask, make_loss, read_dataset, train_transforms
+
+    y = torch.zeros(1, 1, 8, 8, 4, dtype=torch.long)
+    y[..., :4, :, :] = LABELS["quadratus_femoris"]     # rows 4-7: background (maybe an unannotated femur)
+    right = torch.nn.functional.one_hot(y[:, 0], 11).permute(0, 4, 1, 2, 3).float() * 8.0
+
+    def relabel(rows, name):
+        x = right.clone()
+        x[:, :, rows] = 0.0
+        x[:, LABELS[name], rows] = 8.0
+        return x
+
+    femur_in_bg = relabel(slice(4, 8), "femur")
+    qf_missed = relabel(slice(0, 2), "background")
+    only_qf = torch.tensor([[n in ("background", "quadratus_femoris") for n in LABELS]])
+    everything = torch.ones(1, 11, dtype=torch.bool)
+    for loss in (make_loss(), make_loss(contact_weight=10.0)):
+        assert float(loss(femur_in_bg, y, only_qf)) < 0.01 < float(loss(femur_in_bg, y))
+        assert float(loss(qf_missed, y, only_qf)) > 0.3
+        for x in (femur_in_bg, qf_missed, right):
+            assert float(loss(x, y, everything)) == float(loss(x, y))
+        # a batch mixing a partial and a full sample: only the partial one is forgiven
+        yy, both = torch.cat([y, y]), torch.cat([only_qf, everything])
+        clean = float(loss(torch.cat([right, right]), yy, both))
+        assert float(loss(torch.cat([femur_in_bg, right]), yy, both)) == pytest.approx(clean, abs=0.01)
+        assert float(loss(torch.cat([right, femur_in_bg]), yy, both)) > clean + 0.1
+
+    recs = read_dataset(dataset)            # s2's table names five structures; s0, s1 have none
+    assert recs[0]["annotated"] == list(LABELS)
+    assert recs[2]["annotated"] == ["background", "quadratus_femoris", "lesser_trochanter",
+                                    "ischial_tuberosity", "hamstring_tendon", "other_muscle"]
+    assert annotated_mask(recs[2]).tolist() == [n in recs[2]["annotated"] for n in LABELS]
+    chain = train_transforms(default_metadata(patch_size=[32, 32, 8]), dataset.parent / "cache", 2, (32, 32, 8))
+    chain.set_random_state(0)
+    cached = CacheDataset(recs, chain, cache_rate=1.0, num_workers=0, progress=False)   # as in training
+    for _ in range(20):     # MONAI's grid distortion made some masks tensors, left others numpy
+        assert all(type(x["annotated"]) is torch.Tensor for x in cached[2])
+        batch = next(iter(DataLoader(Subset(cached, [2]), batch_size=1, collate_fn=list_data_collate)))
+        assert batch["image"].shape[0] == 2
+        assert batch["annotated"].dtype == torch.bool
+        assert batch["annotated"].tolist() == [annotated_mask(recs[2]).tolist()] * 2
+
+
+def test_validation_dice_skips_structures_a_subject_is_not_annotated_for():
+    """A 'network' that calls every voxel femur except the QF: on a subject annotated for the QF
+    only, femur is not scored (its truth, background, may hold a femur); on a fully annotated
+    subject it is, and a class no validation subject holds is NaN, not 0."""
+    from models.bundle import default_metadata
+    from pipeline.training import validate
+
+    class Oracle(torch.nn.Module):          # channel 0 carries the label map / 10
+        def forward(self, x):
+            lab = (x[:, 0] * 10).round().long()
+            lab = torch.where(lab == LABELS["quadratus_femoris"], lab, torch.full_like(lab, LABELS["femur"]))
+            return torch.nn.functional.one_hot(lab, 11).permute(0, 4, 1, 2, 3).float() * 10
+
+    lab = np.zeros((1, 16, 16, 8), np.uint8)
+    lab[0, 4:10, 4:10, 2:6] = LABELS["quadratus_femoris"]
+    lab[0, 10:14, 4:10, 2:6] = LABELS["femur"]
+    image = np.stack([lab[0] / 10.0, lab[0] / 10.0]).astype(np.float32)
+    partial = np.array([n in ("background", "quadratus_femoris") for n in LABELS])
+    meta = default_metadata(patch_size=[16, 16, 8])
+    item = {"image": image, "label": lab, "annotated": partial}
+    d = validate(Oracle(), [item], meta, torch.device("cpu"))
+    assert d["quadratus_femoris"] == 1.0 and np.isnan(d["femur"]) and np.isnan(d["lesser_trochanter"])
+    full = dict(item, annotated=np.ones(11, bool))
+    d = validate(Oracle(), [full], meta, torch.device("cpu"))
+    assert 0.0 < d["femur"] < 0.2 and np.isnan(d["lesser_trochanter"])
+    assert validate(Oracle(), [item, full], meta, torch.device("cpu"))["femur"] == d["femur"]
+
+
+def test_pseudo_labels_complete_only_what_was_not_annotated(dataset, tmp_path):
+    """The model being fine-tuned fills the structures a subject was not annotated for, where
+    the map says background; what was drawn (structures and background alike) stays. A
+    fine-tune (--init) on partial maps does so by default and records it; without --init
+    'pseudo' is refused."""
+    from models.bundle import default_metadata, load_bundle
+    from pipeline.training import TrainConfig, run_training, unannotated_filler
+
+    class Says(torch.nn.Module):            # femur on rows 0-7, QF on rows 8-15, confidently
+        def forward(self, x):
+            lab = torch.full(x.shape[:1] + x.shape[2:], LABELS["femur"], dtype=torch.long)
+            lab[:, 8:] = LABELS["quadratus_femoris"]
+            return torch.nn.functional.one_hot(lab, 11).permute(0, 4, 1, 2, 3).float() * 10
+
+    label = np.zeros((1, 16, 16, 8), np.uint8)
+    label[0, 4:12, 4:12] = LABELS["quadratus_femoris"]           # drawn QF, half under 'femur'
+    only_qf = np.array([n in ("background", "quadratus_femoris") for n in LABELS])
+    meta = default_metadata(patch_size=[16, 16, 8])              # 1 x 1 x 4 mm working voxels
+    image = np.zeros((2, 16, 16, 8), np.float32)
+    drawn = label[0] == LABELS["quadratus_femoris"]
+    out = unannotated_filler(Says(), meta, torch.device("cpu"))(image, label, only_qf)[0]
+    assert (out[drawn] == LABELS["quadratus_femoris"]).all()             # the drawing wins
+    assert (out[:8][~drawn[:8]] == LABELS["femur"]).all()                 # unannotated: filled
+    assert (out[8:][~drawn[8:]] == 0).all()                               # annotated: drawn background
+    everything = np.ones(11, bool)
+    assert np.array_equal(unannotated_filler(Says(), meta, torch.device("cpu"))(image, label, everything), label)
+
+    torch.set_num_threads(1)
+    base = TrainConfig(data=str(dataset), out=str(tmp_path / "base"), epochs=1, steps_per_epoch=1, batch=2,
+                       patch=(32, 32, 8), val_fraction=0.34, seed=1, progress=False)
+    run_training(base)
+    base.out, base.init = str(tmp_path / "ft"), str(tmp_path / "base" / "last.safetensors")
+    run_training(base)
+    _, meta = load_bundle(tmp_path / "ft" / "last")
+    assert meta["training"]["unannotated"].startswith("training subjects completed by pseudo-labels")
+    assert "pseudo-labels" in (tmp_path / "ft" / "log.txt").read_text()
+    base.out, base.unannotated = str(tmp_path / "marg"), "marginal"
+    run_training(base)
+    assert load_bundle(tmp_path / "marg" / "last")[1]["training"]["unannotated"] == "marginal loss"
+    base.out, base.init, base.unannotated = str(tmp_path / "bad"), None, "pseudo"
+    with pytest.raises(ValueError, match="--init"):
+        run_training(base)
 
 
 def test_contact_weight_makes_errors_where_structures_touch_cost_more():

@@ -157,6 +157,31 @@ def test_label_folder_reference(tree):
     assert any("label sides: pipeline.sides mid-sagittal plane" in n for n in summary["notes"])
 
 
+def test_partial_reference_compares_only_the_structures_it_was_drawn_for(tree):
+    """A reader who outlined the QF, lesser trochanter and pelvis, table beside the map: the
+    tool's femur is not scored against the empty reference (Dice 0 would be a false alarm)."""
+    import json
+
+    ref_dir = tree["root"] / "ref_partial"
+    (ref_dir / "s01").mkdir(parents=True)
+    lab = _label_volume()
+    lab[lab == LABELS["femur"]] = 0
+    save_nifti(Image(lab, _affine()), ref_dir / "s01" / "labels.nii.gz")
+    table = {"background": 0, "quadratus_femoris": LABELS["quadratus_femoris"],
+             "lesser_trochanter": LABELS["lesser_trochanter"], "pelvis": LABELS["pelvis"]}
+    (ref_dir / "s01" / "labels.json").write_text(json.dumps(table))
+    ref_img = Image(lab, _affine())
+    res_img = V.load_label_image(tree["results"] / "s01" / "labels.nii.gz")
+    everything, _ = V.compare_label_maps(res_img, ref_img, "s01")
+    assert any(r["structure"] == "femur" and r["dice"] == 0.0 for r in everything)
+    out = tree["root"] / "report_partial"
+    V.run_validation(tree["results"], ref_dir, out, n_boot=0, plots=False)
+    rows = _read_csv(out / "labels.csv")
+    assert {r["structure"] for r in rows} == {"quadratus_femoris", "lesser_trochanter", "pelvis"}
+    qf = {r["side"]: float(r["dice"]) for r in rows if r["structure"] == "quadratus_femoris"}
+    assert qf["right"] == pytest.approx(5 / 6) and qf["left"] == pytest.approx(1.0)
+
+
 def test_cohort_reference_maps_3d_and_axial(tree):
     out = tree["root"] / "report_cohort"
     summary = V.run_validation(tree["results"], tree["cohort"], out, n_boot=0, plots=False)
