@@ -159,15 +159,27 @@ def _dice_case(subject: str, mode: str, probs: np.ndarray, truth: np.ndarray,
         truth_count=np.bincount(t, minlength=k), annotated=annotated)
 
 
-def truth_measurements(labels) -> dict:
+#: The structures each measurement is taken between: a map not annotated for all of them gives
+#: no reference value for it (a QFS on a map without the iliopsoas tendon is not the QFS).
+MEASURED_FROM = {"ifs_mm": ("ischial_tuberosity", "lesser_trochanter"),
+                 "qfs_mm": ("hamstring_tendon", "lesser_trochanter", "iliopsoas_tendon")}
+
+
+def truth_measurements(labels, annotated=None) -> dict:
     """``{side: {"ifs_mm": v, "qfs_mm": v}}`` measured (``pipeline.measure.measure_hips``,
-    geometry only) on an annotated label map; sides without either distance are left out."""
+    geometry only) on an annotated label map; sides without either distance are left out.
+    ``annotated``: the structures the map was drawn for (None: all); a measurement whose
+    structures (``MEASURED_FROM``) were not all drawn is left out."""
     from pipeline.measure import measure_hips
 
+    keys = [k for k in MEASURED
+            if annotated is None or all(n in annotated for n in MEASURED_FROM[k])]
+    if not keys:
+        return {}
     hips = measure_hips(labels)["hips"]
     out = {}
     for side, h in hips.items():
-        vals = {k: h.get(k) for k in MEASURED} if h.get("present") else {}
+        vals = {k: h.get(k) for k in keys} if h.get("present") else {}
         if any(v is not None for v in vals.values()):
             out[side] = vals
     return out
@@ -386,7 +398,7 @@ def calibrate(model_path: str | Path, data: str | Path, modes=MODES, limit: int 
             cases.append(_dice_case(r["subject"], mode, probs, truth, box, annotated_mask(r)))
             if measurements:
                 if r["subject"] not in truths:
-                    truths[r["subject"]] = truth_measurements(load_subject_labels(r))
+                    truths[r["subject"]] = truth_measurements(load_subject_labels(r), r["annotated"])
                 if truths[r["subject"]]:
                     mcases.append(measurement_case(r["subject"], mode, probs, affine, box,
                                                    truths[r["subject"]]))

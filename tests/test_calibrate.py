@@ -134,6 +134,12 @@ def test_measurement_stage_undoes_structures_drawn_too_thick():
     truth = truth_measurements(lab)
     assert set(truth) == {"left", "right"}
     assert truth["left"]["ifs_mm"] < truth["right"]["ifs_mm"]      # 12 and 20 mm, by design
+    # a map drawn without the iliopsoas tendon gives no reference QFS (it would be another
+    # distance), one without the ischial tuberosity no IFS
+    no_ilio = [n for n in LABELS if n != "iliopsoas_tendon"]
+    assert truth_measurements(lab, no_ilio) == {s: {"ifs_mm": truth[s]["ifs_mm"]} for s in truth}
+    assert truth_measurements(lab, ["background", "quadratus_femoris"]) == {}
+    assert truth_measurements(lab, list(LABELS)) == truth
     probs = _thick_network(lab.array, lab.affine, bias=1.6)
     case = measurement_case("s", "t1", probs, lab.affine, None, truth)
     zero = {n: 0.0 for n in CALIBRATED}
