@@ -229,6 +229,7 @@ def test_train_cli_help():
 
     r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "--help", "--no-tcmalloc"], capture_output=True, text=True)
     assert r.returncode == 0 and "--minutes" in r.stdout and "--resume" in r.stdout
+    assert "--unannotated" in r.stdout and "pseudo" in r.stdout
 
 
 def test_class_weight_makes_errors_on_that_structure_cost_more():
