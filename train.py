@@ -56,8 +56,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
     ap.add_argument("--unannotated", choices=["auto", "pseudo", "marginal"], default="auto",
                     help="subjects whose label table names only some structures: 'pseudo' completes "
-                         "their maps with the --init model's output, 'marginal' leaves the rest to the "
-                         "marginal loss; 'auto' (default): pseudo with --init, else marginal")
+                         "their maps with a model's output (--pseudo-labels-from, else --init), "
+                         "'marginal' leaves the rest to the marginal loss; 'auto' (default): pseudo "
+                         "when there is such a model, else marginal")
+    ap.add_argument("--pseudo-labels-from", default=None, metavar="BUNDLE",
+                    help="the model whose output completes partial maps (default: --init), e.g. "
+                         "models/ifi_seg_default.safetensors when training from scratch")
     ap.add_argument("--description", default=None,
                     help='training data description for the metadata, e.g. "synthetic phantoms: '
                          'data_scripts/make_phantoms.py --n 150 --seed 1"')
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                       device=a.device, init=a.init, workers=a.workers, bf16=a.bf16, threads=a.threads,
                       class_weights=a.class_weights, contact_weight=a.contact_weight, tissue_contrast=a.tissue_contrast,
                       other_plane=a.other_plane, progress=not a.no_progress, description=a.description,
-                      unannotated=a.unannotated)
+                      unannotated=a.unannotated, pseudo_labels_from=a.pseudo_labels_from)
     summary = run_training(cfg)
     print(f"done: {summary['epochs']} epochs, best key-structure Dice {summary['best_key_dice']:.4f}, "
           f"{summary['elapsed_min']:.1f} min -> {summary['run_dir']}/best.safetensors")

@@ -25,8 +25,9 @@ femoris, lesser trochanter, ischial tuberosity and hamstring origin lists just t
 Everything else in its map is "background or an unannotated structure". The network must not
 be taught that the femur, gluteus maximus or subcutaneous fat, which the post-processing and the
 signal measurements need, are background, so (``--unannotated``): when fine-tuning (``--init``)
-the model as given completes each training subject's map where it was left background with the
-structures the subject lacks (pseudo-labels, ``unannotated_filler``); otherwise the loss is the
+the model as given (or ``--pseudo-labels-from``) completes each training subject's map where it
+was left background with the structures the subject lacks (pseudo-labels,
+``unannotated_filler``); otherwise the loss is the
 marginal loss of Shi et al. (Medical Image Analysis 2021): the probabilities of the classes a
 subject lacks are added to background's before Dice and cross-entropy. A structure the table
 names but the map does not contain is annotated as absent. Subjects without a table use the
@@ -111,9 +112,10 @@ class TrainConfig:
     progress: bool = True
     description: str | None = None
     #: partially annotated subjects: "pseudo" fills their unannotated structures from the
-    #: ``init`` model's output, "marginal" leaves them to the marginal loss; "auto": pseudo
-    #: when fine-tuning (``init`` given), marginal otherwise
+    #: output of ``pseudo_labels_from`` (default: the ``init`` model), "marginal" leaves them to
+    #: the marginal loss; "auto": pseudo when there is a model to fill them, marginal otherwise
     unannotated: str = "auto"
+    pseudo_labels_from: str | None = None
 
 
 # ----------------------------------------------------------------------------------- data
@@ -704,13 +706,14 @@ def run_training(cfg: TrainConfig) -> dict:
     }
     if cfg.unannotated not in ("auto", "pseudo", "marginal"):
         raise ValueError(f"unannotated must be auto, pseudo or marginal, not {cfg.unannotated!r}")
-    if cfg.unannotated == "pseudo" and not cfg.init:
-        raise ValueError("pseudo-labels for unannotated structures need a model to fine-tune (--init)")
+    labeller = cfg.pseudo_labels_from or cfg.init
+    if cfg.unannotated == "pseudo" and not labeller:
+        raise ValueError("pseudo-labels for unannotated structures need a model: --init or --pseudo-labels-from")
     partial = {n: sum(n not in r["annotated"] for r in records) for n in label_names()}
     partial = {n: k for n, k in partial.items() if k}
-    fill = bool(partial) and cfg.unannotated != "marginal" and bool(cfg.init)
+    fill = bool(partial) and cfg.unannotated != "marginal" and bool(labeller)
     if partial:        # how many subjects lack each structure's annotation
-        how = (f"training subjects completed by pseudo-labels from {cfg.init}" if fill
+        how = (f"training subjects completed by pseudo-labels from {labeller}" if fill
                else "marginal loss")
         meta["training"]["subjects_not_annotated_for"] = partial
         meta["training"]["unannotated"] = how
@@ -744,8 +747,8 @@ def run_training(cfg: TrainConfig) -> dict:
         raise ValueError(f"--batch {cfg.batch} is not a multiple of --patches-per-subject {cfg.patches_per_subject}")
     filler = None
     if fill:           # the model as given, whatever this run (or a resumed one) makes of it
-        init_net, init_meta = load_bundle(cfg.init, device=device)
-        filler = unannotated_filler(init_net.eval(), init_meta, device)
+        label_net, label_meta = load_bundle(labeller, device=device)
+        filler = unannotated_filler(label_net.eval(), label_meta, device)
     chain = train_transforms(meta, cache_dir, per_subject, cfg.patch, cfg.tissue_contrast, cfg.other_plane,
                              filler)
     train_ds = CacheDataset(train_recs, chain, cache_rate=1.0, num_workers=0, progress=cfg.progress)

@@ -377,6 +377,11 @@ def test_pseudo_labels_complete_only_what_was_not_annotated(dataset, tmp_path):
     base.out, base.init, base.unannotated = str(tmp_path / "bad"), None, "pseudo"
     with pytest.raises(ValueError, match="--init"):
         run_training(base)
+    # from scratch, another model fills the maps
+    labeller = str(tmp_path / "base" / "last.safetensors")
+    base.out, base.unannotated, base.pseudo_labels_from = str(tmp_path / "scratch"), "auto", labeller
+    run_training(base)
+    assert load_bundle(tmp_path / "scratch" / "last")[1]["training"]["unannotated"].endswith(labeller)
 
 
 def test_contact_weight_makes_errors_where_structures_touch_cost_more():
