@@ -164,12 +164,11 @@ def dixon_swapped_throughout(result: dict, cfg: MeasureConfig) -> bool:
     one) reads swapped by both signs: its reference muscle at ``cfg.dixon_exchange_share`` or
     more and its subcutaneous fat at ``cfg.dixon_subcut_max_swapped_share`` or more. The whole
     pair is then swapped (or was given the wrong way round), not just part of it."""
-    limits = {"reference_swapped_share": cfg.dixon_exchange_share,
-              "subcutaneous_swapped_share": cfg.dixon_subcut_max_swapped_share}
     checks = [h["dixon_swap_check"] for h in result["hips"].values()
               if h.get("present") and h.get("dixon_swap_check")]
-    return bool(checks) and all(c.get(k) is not None and c[k] >= limit
-                                for c in checks for k, limit in limits.items())
+    return bool(checks) and all(all(signal.swap_shares_reached(c, cfg.dixon_subcut_max_swapped_share,
+                                                               cfg.dixon_exchange_share))
+                                for c in checks)
 
 
 def _flags(rec: dict, cfg: MeasureConfig) -> list:

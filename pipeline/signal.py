@@ -429,11 +429,17 @@ def _voxel_fat_fractions(f: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.clip(f[ok] / s[ok], 0.0, 1.0)
 
 
+def swap_shares_reached(check: dict, subcut_limit: float, reference_limit: float) -> list[bool]:
+    """Whether each share of a ``dixon_swap_check`` (subcutaneous fat, reference muscle) was
+    measured and reached its limit."""
+    limits = {"subcutaneous_swapped_share": subcut_limit, "reference_swapped_share": reference_limit}
+    return [check.get(k) is not None and check[k] >= limit for k, limit in limits.items()]
+
+
 def _swap_evidence(check: dict, cfg: MeasureConfig) -> str | None:
     """What a ``dixon_swap_check`` read, in words, when a share reaches its limit; else None."""
-    limits = {"subcutaneous_swapped_share": cfg.dixon_subcut_max_swapped_share,
-              "reference_swapped_share": cfg.dixon_reference_max_swapped_share}
-    if not any(check[k] is not None and check[k] >= limit for k, limit in limits.items()):
+    if not any(swap_shares_reached(check, cfg.dixon_subcut_max_swapped_share,
+                                   cfg.dixon_reference_max_swapped_share)):
         return None
     read = []
     if check["subcutaneous_swapped_share"] is not None:

@@ -461,12 +461,14 @@ def side_masks(reference_img, other_img=None) -> tuple[dict, str]:
     from either, falls back to ``side_split_x`` (world-x midline of the reference).
     """
     shape = reference_img.shape
-    for img, weak_ok in ((reference_img, False), (other_img, False), (reference_img, True)):
-        if img is None:
-            continue
-        found = _sides_from_map(img, shape, weak_ok)
-        if found is not None:
-            return found
+    ref = _sides_from_map(reference_img)
+    if ref is not None and not ref[2]:
+        return ref[:2]
+    other = _sides_from_map(other_img) if other_img is not None else None
+    if other is not None and not other[2]:
+        return other[:2]
+    if ref is not None:                      # the reference's weak answer, rather than none
+        return ref[:2]
     midline, single, method = side_split_x(reference_img)
     if single is not None:
         return {single: np.ones(shape, dtype=bool)}, method
@@ -474,26 +476,27 @@ def side_masks(reference_img, other_img=None) -> tuple[dict, str]:
     return {"right": right, "left": ~right}, method
 
 
-def _sides_from_map(reference_img, shape, weak_ok: bool = True) -> tuple[dict, str] | None:
-    """``side_masks`` from ``pipeline.sides.assign_sides`` on one map, or None (also for an
-    answer it calls weak, unless ``weak_ok``)."""
+def _sides_from_map(img) -> tuple[dict, str, bool] | None:
+    """``side_masks`` from ``pipeline.sides.assign_sides`` on one map, and whether that answer is
+    one it calls weak; None without an answer."""
     try:
         from pipeline.sides import assign_sides
 
-        res = assign_sides(reference_img.array, reference_img.affine)
-        if not weak_ok and "weak" in str(res.method):
-            return None
+        res = assign_sides(img.array, img.affine)
+        weak = "weak" in str(res.method)
         if res.mode == "bilateral" and res.midplane:
             point, normal = np.asarray(res.midplane["point"]), np.asarray(res.midplane["normal"])
             # signed distance to the plane is affine in (i, j, k): evaluate it separably
-            coef = normal @ reference_img.affine[:3, :3]
-            const = float(normal @ (reference_img.affine[:3, 3] - point))
-            i, j, k = (np.arange(n, dtype=np.float32) * np.float32(c) for n, c in zip(shape, coef))
+            coef = normal @ img.affine[:3, :3]
+            const = float(normal @ (img.affine[:3, 3] - point))
+            i, j, k = (np.arange(n, dtype=np.float32) * np.float32(c) for n, c in zip(img.shape, coef))
             right = (i[:, None, None] + j[None, :, None] + k[None, None, :] + np.float32(const)) > 0
-            return {"right": right, "left": ~right}, f"pipeline.sides mid-sagittal plane ({res.method})"
+            return {"right": right, "left": ~right}, f"pipeline.sides mid-sagittal plane ({res.method})", \
+                weak
         if res.mode == "single" and len(res.hips) == 1:
             side = next(iter(res.hips))
-            return {side: np.ones(shape, dtype=bool)}, f"pipeline.sides single hip ({res.method})"
+            return {side: np.ones(img.shape, dtype=bool)}, f"pipeline.sides single hip ({res.method})", \
+                weak
     except ImportError:
         pass
     return None
