@@ -8,6 +8,7 @@ the outputs. Sequence parameters for each kind (TR/TE/TI, ScanOptions, descripti
 typical hip protocols so series classification can be tested.
 
     python data_scripts/nifti_to_dicom.py phantoms/sub-000/t1.nii.gz out_dicom/t1 --kind t1
+    python data_scripts/nifti_to_dicom.py phantoms/sub-000/t1.nii.gz out_dicom/t1 --kind t1 --enhanced
 """
 from __future__ import annotations
 
@@ -43,6 +44,26 @@ SEQUENCE_PRESETS = {
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
+def _slices_last(image, kind: str):
+    """``image`` (an ``Image`` or NIfTI path) with the acquisition's slice axis
+    (``pipeline.geometry.acquisition_slice_axis``: the thickest, in any storage order) last, and its
+    LPS affine and the unit row and column directions a DICOM writer needs."""
+    from pipeline.geometry import acquisition_slice_axis
+    from pipeline.image import Image, load_nifti
+    from pipeline.io import LPS_TO_RAS
+
+    if not isinstance(image, Image):
+        image = load_nifti(image, kind)
+    slice_ax = acquisition_slice_axis(image.affine)
+    if slice_ax != 2:
+        perm = [a for a in range(3) if a != slice_ax] + [slice_ax]
+        affine = image.affine.copy()
+        affine[:3, :3] = image.affine[:3, perm]
+        image = Image(np.transpose(image.array, perm), affine, image.kind, dict(image.meta))
+    lps = LPS_TO_RAS @ image.affine
+    return image, lps, lps[:3, 0] / image.spacing[0], lps[:3, 1] / image.spacing[1]
+
+
 def write_dicom_series(image, out_dir, *, kind: str = "t1", shuffle: bool = True,
                        reverse_instance_numbers: bool = True, rescale: bool = True,
                        drop_optional: bool = True, seed: int = 0, series_uid: str | None = None,
@@ -71,25 +92,11 @@ def write_dicom_series(image, out_dir, *, kind: str = "t1", shuffle: bool = True
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    from pipeline.geometry import acquisition_slice_axis
-    from pipeline.image import Image, load_nifti
-    from pipeline.io import LPS_TO_RAS
-
-    if not isinstance(image, Image):
-        image = load_nifti(image, kind)
-    slice_ax = acquisition_slice_axis(image.affine)
-    if slice_ax != 2:
-        perm = [a for a in range(3) if a != slice_ax] + [slice_ax]
-        affine = image.affine.copy()
-        affine[:3, :3] = image.affine[:3, perm]
-        image = Image(np.transpose(image.array, perm), affine, image.kind, dict(image.meta))
+    image, lps, row_dir, col_dir = _slices_last(image, kind)
+    spacing = image.spacing
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    lps = LPS_TO_RAS @ image.affine
-    spacing = image.spacing
-    row_dir = lps[:3, 0] / spacing[0]
-    col_dir = lps[:3, 1] / spacing[1]
     n = image.shape[2]
     positions = (np.asarray(slice_positions, float) if slice_positions is not None
                  else np.array([lps[:3, 3] + k * lps[:3, 2] for k in range(n)]))
@@ -164,6 +171,100 @@ def write_dicom_series(image, out_dir, *, kind: str = "t1", shuffle: bool = True
     return [written[k] for k in range(n)]
 
 
+ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+
+
+def write_enhanced_mr(image, out_path, *, kind: str = "t1", shuffle: bool = True, seed: int = 0,
+                      series_number: int = 1, frame_types: list[str] | None = None) -> Path:
+    """Write ``image`` as one multi-frame Enhanced MR Image file, as recent scanners export.
+
+    The slices become frames (stored in shuffled order when ``shuffle``, which the standard allows;
+    ``FrameContentSequence`` gives each its in-stack position). Geometry and rescale are in the
+    functional groups only: orientation and pixel measures shared, position and rescale (uint16,
+    varying) per frame. The sequence parameters are where the Enhanced MR IOD keeps them (MR
+    timing, echo, modifier and frame-type groups; ``SpectrallySelectedSuppression``), not in the
+    classic attributes, so that reading them is tested. ``frame_types`` (e.g. ``["WATER",
+    "FAT"]``) writes the volume once per type into the same file, as some Dixon exports do.
+    Array axes map to DICOM as in ``write_dicom_series``.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    image, lps, row_dir, col_dir = _slices_last(image, kind)
+    spacing = image.spacing
+    rng = np.random.default_rng(seed)
+    n = image.shape[2]
+    preset = dict(SEQUENCE_PRESETS[kind])
+    types = list(frame_types or [])
+    default_type = (preset.get("ImageType") or ["ORIGINAL", "PRIMARY", "M", "NONE"])[3]
+
+    def item(**values) -> Dataset:
+        d = Dataset()
+        for key, value in values.items():
+            setattr(d, key, value)
+        return d
+
+    frames = [(k, t) for t in (types or [default_type]) for k in range(n)]
+    if shuffle:
+        frames = [frames[i] for i in rng.permutation(len(frames))]
+    data = np.asarray(image.array, dtype=np.float64)
+    pixels, per_frame = [], []
+    for k, ftype in frames:
+        plane = data[:, :, k].T
+        lo, hi = float(plane.min()), float(plane.max())
+        slope = max((hi - lo) / 60000.0, 1e-6) * (1.0 + 0.1 * k / max(n, 1))
+        pixels.append(np.clip(np.rint((plane - lo) / slope), 0, 65535).astype(np.uint16))
+        position = lps[:3, 3] + k * lps[:3, 2]
+        fg = item(
+            PlanePositionSequence=Sequence([item(ImagePositionPatient=[float(f"{v:.6f}") for v in position])]),
+            PixelValueTransformationSequence=Sequence([item(RescaleSlope=float(f"{slope:.10g}"),
+                                                            RescaleIntercept=float(f"{lo:.10g}"),
+                                                            RescaleType="US")]),
+            FrameContentSequence=Sequence([item(StackID="1", InStackPositionNumber=int(k + 1))]))
+        if types:
+            fg.MRImageFrameTypeSequence = Sequence([item(FrameType=["DERIVED", "PRIMARY", "DIXON", ftype])])
+        per_frame.append(fg)
+    ti = preset.get("InversionTime")
+    shared = item(
+        PlaneOrientationSequence=Sequence([item(ImageOrientationPatient=[float(f"{v:.8f}") for v in (*row_dir, *col_dir)])]),
+        PixelMeasuresSequence=Sequence([item(PixelSpacing=[float(spacing[1]), float(spacing[0])],
+                                             SliceThickness=float(spacing[2]),
+                                             SpacingBetweenSlices=float(spacing[2]))]),
+        MRTimingAndRelatedParametersSequence=Sequence([item(RepetitionTime=float(preset["RepetitionTime"]),
+                                                            FlipAngle=90.0 if "SE" in preset["ScanningSequence"] else 15.0)]),
+        MREchoSequence=Sequence([item(EffectiveEchoTime=float(preset["EchoTime"]))]),
+        MRModifierSequence=Sequence([item(InversionRecovery="YES" if ti else "NO",
+                                          **({"InversionTimes": [float(ti)]} if ti else {}))]))
+    if not types:
+        shared.MRImageFrameTypeSequence = Sequence([item(FrameType=list(
+            preset.get("ImageType") or ["ORIGINAL", "PRIMARY", "M", "NONE"]))])
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ENHANCED_MR_IMAGE_STORAGE
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = item(SOPClassUID=ENHANCED_MR_IMAGE_STORAGE, SOPInstanceUID=sop_uid, Modality="MR",
+              PatientName=FAKE_PATIENT_NAME, PatientID=FAKE_PATIENT_ID, PatientBirthDate="19000101",
+              PatientSex="O", InstitutionName=FAKE_INSTITUTION, AccessionNumber="FAKEACC0001",
+              StudyDate="20000101", StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid(),
+              FrameOfReferenceUID=generate_uid(), SeriesNumber=series_number, InstanceNumber=1,
+              SeriesDescription=preset["SeriesDescription"], MagneticFieldStrength=3.0,
+              Manufacturer="FAKE", ImageType=["ORIGINAL", "PRIMARY", "M", "MIXED" if types else default_type],
+              SpectrallySelectedSuppression="FAT" if "FS" in preset.get("ScanOptions", "") else "NONE",
+              NumberOfFrames=len(frames), Rows=pixels[0].shape[0], Columns=pixels[0].shape[1],
+              SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2", BitsAllocated=16,
+              BitsStored=16, HighBit=15, PixelRepresentation=0,
+              SharedFunctionalGroupsSequence=Sequence([shared]),
+              PerFrameFunctionalGroupsSequence=Sequence(per_frame))
+    ds.file_meta = meta
+    ds.PixelData = np.stack(pixels).tobytes()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(str(out_path), enforce_file_format=True)
+    return out_path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("nifti", help="input NIfTI (3D)")
@@ -171,7 +272,14 @@ def main(argv=None) -> int:
     ap.add_argument("--kind", default="t1", choices=sorted(SEQUENCE_PRESETS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ordered", action="store_true", help="no shuffling / reversed numbering")
+    ap.add_argument("--enhanced", action="store_true",
+                    help="one multi-frame Enhanced MR file (out_dir/enhanced.dcm) instead of one file per slice")
     args = ap.parse_args(argv)
+    if args.enhanced:
+        path = write_enhanced_mr(args.nifti, Path(args.out_dir) / "enhanced.dcm", kind=args.kind,
+                                 seed=args.seed, shuffle=not args.ordered)
+        print(f"wrote {path}")
+        return 0
     files = write_dicom_series(args.nifti, args.out_dir, kind=args.kind, seed=args.seed,
                                shuffle=not args.ordered, reverse_instance_numbers=not args.ordered)
     print(f"wrote {len(files)} DICOM files to {args.out_dir}")

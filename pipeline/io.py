@@ -5,6 +5,10 @@ slices are sorted by their position along the slice normal (cross product of the
 ImageOrientationPatient direction cosines), and the voxel -> patient affine built from
 ImagePositionPatient / ImageOrientationPatient / PixelSpacing is converted from DICOM's LPS to
 the project's RAS. The array axes are (column, row, slice), the same convention as dcm2niix.
+Multi-frame (enhanced, or legacy-converted enhanced) MR files are read the same way, frame by
+frame: each frame's position, orientation, pixel spacing and rescale come from its functional
+groups (per-frame, else shared), and the sequence parameters ``classify_series`` needs from the
+MR timing, echo and modifier groups.
 
 Series that cannot be represented by one affine (varying slice spacing, gantry tilt, several
 volumes at the same positions, mixed orientations) are rejected with a one-line ``ImageError``.
@@ -58,7 +62,7 @@ class SeriesInfo:
     uid: str
     files: list[Path]
     params: dict = field(default_factory=dict)
-    n_slices: int = 0
+    n_slices: int = 0        # 2D images: files, or the frames of multi-frame (enhanced) files
     orientation: str = "?"   # "axial", "coronal", "sagittal", "oblique" from the slice normal
     number: int | None = None
 
@@ -70,7 +74,7 @@ class SeriesInfo:
         """A one-line human description, without identifiers except the series UID."""
         p = self.params
         bits = [f"#{self.number}" if self.number is not None else "#?", repr(self.description),
-                f"{self.n_slices} files", self.orientation]
+                f"{self.n_slices} slices", self.orientation]
         for key, short in (("RepetitionTime", "TR"), ("EchoTime", "TE"), ("InversionTime", "TI")):
             if p.get(key) is not None:
                 bits.append(f"{short}={p[key]:g}")
@@ -95,8 +99,7 @@ def load_series(path, kind: str | None = None, *, series_uid: str | None = None,
     Args:
         path: a NIfTI file, a folder holding exactly one DICOM series (or ``series_uid`` to pick
             one), or a ``SeriesInfo`` from ``find_series``. A single DICOM file is read on its
-            own, so it is refused unless it is a multi-frame volume (not supported either: one
-            clear message).
+            own, so it must be a multi-frame (enhanced) volume.
         kind: "t1", "t2fs", "stir", "dixon_fat", "dixon_water" or "labels".
         series_uid: choose one series when the folder holds several.
         validate: run ``validate_intensity_image`` on intensity kinds.
@@ -209,6 +212,124 @@ def _looks_like_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".ima")
 
 
+@dataclass
+class _Frame:
+    """One 2D image of a series: a classic single-frame file, or one frame of a multi-frame
+    (enhanced) file, with the geometry and rescale its functional groups give it."""
+
+    file: Path
+    index: int | None          # 0-based frame of a multi-frame file; None for a single-frame file
+    position: np.ndarray | None
+    orientation: np.ndarray | None
+    pixel_spacing: np.ndarray | None
+    rows: int
+    cols: int
+    slope: float
+    intercept: float
+    what: str = ""             # frame type / echo, to name what repeats in an error message
+
+    @property
+    def name(self) -> str:
+        return self.file.name if self.index is None else f"{self.file.name} frame {self.index + 1}"
+
+
+def _is_multiframe(ds) -> bool:
+    return "PerFrameFunctionalGroupsSequence" in ds or int(ds.get("NumberOfFrames", 1) or 1) > 1
+
+
+def _group_item(ds, frame: int | None, sequence: str):
+    """The item of functional group ``sequence`` for ``frame`` of an enhanced DICOM: per-frame
+    first, then shared (the standard allows either); None where neither has it."""
+    groups = []
+    if frame is not None and "PerFrameFunctionalGroupsSequence" in ds and frame < len(ds.PerFrameFunctionalGroupsSequence):
+        groups.append(ds.PerFrameFunctionalGroupsSequence[frame])
+    if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
+        groups.append(ds.SharedFunctionalGroupsSequence[0])
+    for g in groups:
+        seq = g.get(sequence)
+        if seq:
+            return seq[0]
+    return None
+
+
+def _frames_of(f: Path, ds) -> list[_Frame]:
+    """The frames of one DICOM file (header only)."""
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    top_slope = float(ds.get("RescaleSlope", 1) or 1)
+    top_intercept = float(ds.get("RescaleIntercept", 0) or 0)
+
+    def arr(v):
+        return None if v is None else np.asarray(v, dtype=float)
+
+    if not _is_multiframe(ds):
+        return [_Frame(f, None, arr(ds.get("ImagePositionPatient")), arr(ds.get("ImageOrientationPatient")),
+                       arr(ds.get("PixelSpacing")), rows, cols, top_slope, top_intercept)]
+    n = int(ds.get("NumberOfFrames", 0) or 0) or len(ds.get("PerFrameFunctionalGroupsSequence", []))
+    frames = []
+    for i in range(n):
+        pos, ori, meas = (_group_item(ds, i, s) for s in
+                          ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence"))
+        pvt = _group_item(ds, i, "PixelValueTransformationSequence")
+        slope = float(pvt.get("RescaleSlope", 1) or 1) if pvt is not None else top_slope
+        intercept = float(pvt.get("RescaleIntercept", 0) or 0) if pvt is not None else top_intercept
+        what = []
+        ftype = _group_item(ds, i, "MRImageFrameTypeSequence")
+        if ftype is not None and ftype.get("FrameType"):
+            what.append("\\".join(str(v) for v in ftype.FrameType))
+        echo = _group_item(ds, i, "MREchoSequence")
+        if echo is not None and echo.get("EffectiveEchoTime") is not None:
+            what.append(f"TE {float(echo.EffectiveEchoTime):g}")
+        content = _group_item(ds, i, "FrameContentSequence")
+        if content is not None and content.get("TemporalPositionIndex") is not None:
+            what.append(f"time point {int(content.TemporalPositionIndex)}")
+        frames.append(_Frame(f, i, arr(pos.get("ImagePositionPatient")) if pos is not None else None,
+                             arr(ori.get("ImageOrientationPatient")) if ori is not None else None,
+                             arr(meas.get("PixelSpacing")) if meas is not None else None,
+                             rows, cols, slope, intercept, ", ".join(what)))
+    return frames
+
+
+def _enhanced_params(ds) -> dict:
+    """Sequence parameters an enhanced (multi-frame) MR file keeps in its functional groups, under
+    the classic keywords ``classify_series`` reads: EchoTime, RepetitionTime, InversionTime,
+    FlipAngle, ScanningSequence (IR), ScanOptions (FS), ImageType (from the frame type)."""
+    out: dict = {}
+
+    def floats(sequence: str, keys) -> None:
+        item = _group_item(ds, 0, sequence)
+        for key in keys if item is not None else ():
+            if item.get(key) is not None:
+                out[key] = float(item.get(key))
+
+    floats("MRTimingAndRelatedParametersSequence", ("RepetitionTime", "FlipAngle"))
+    floats("PixelMeasuresSequence", ("SliceThickness", "SpacingBetweenSlices"))
+    echo = _group_item(ds, 0, "MREchoSequence")
+    if echo is not None and echo.get("EffectiveEchoTime") is not None:
+        out["EchoTime"] = float(echo.EffectiveEchoTime)
+    modifier = _group_item(ds, 0, "MRModifierSequence")
+    if modifier is not None:
+        if str(modifier.get("InversionRecovery", "")).upper() == "YES":
+            out["ScanningSequence"] = "IR"
+            tis = _plain(modifier.get("InversionTimes"))
+            if isinstance(tis, list):
+                tis = tis[0] if tis else None
+            if tis not in (None, ""):
+                out["InversionTime"] = float(tis)
+    if str(ds.get("SpectrallySelectedSuppression", "")).upper() in ("FAT", "FAT_AND_WATER"):
+        out["ScanOptions"] = "FS"
+    ftype = _group_item(ds, 0, "MRImageFrameTypeSequence")
+    if ftype is not None and ftype.get("FrameType"):
+        out["ImageType"] = [str(v) for v in ftype.FrameType]
+    # a legacy-converted file keeps the classic attributes it had no functional group for here
+    for seq in ("UnassignedSharedConvertedAttributesSequence", "UnassignedPerFrameConvertedAttributesSequence"):
+        item = _group_item(ds, 0, seq)
+        if item is not None:
+            for tag in SEQUENCE_TAGS:
+                if tag in item and item.get(tag) not in (None, ""):
+                    out.setdefault(tag, _plain(item.get(tag)))
+    return out
+
+
 def _read_headers(folder: Path) -> dict[str, list[tuple[Path, object]]]:
     """Series UID -> [(file, header dataset)] for every DICOM image file under ``folder``."""
     import pydicom
@@ -239,6 +360,13 @@ def _sequence_params(ds) -> dict:
         if val is None or val == "":
             continue
         out[tag] = _plain(val)
+    if _is_multiframe(ds):
+        for key, val in _enhanced_params(ds).items():
+            if key == "ImageType" and key in out:
+                # the file's image type may say MIXED where its frames say FAT or WATER
+                top = out[key] if isinstance(out[key], list) else [out[key]]
+                out[key] = top + [v for v in val if v not in top]
+            out.setdefault(key, val)
     return out
 
 
@@ -284,13 +412,14 @@ def find_series(study_dir: str | Path) -> list[SeriesInfo]:
         ds = items[0][1]
         params = _sequence_params(ds)
         orientation = "?"
-        iop = ds.get("ImageOrientationPatient")
+        frames = [fr for f, d in items for fr in _frames_of(f, d)]
+        iop = frames[0].orientation if frames else None
         if iop is not None and len(iop) == 6:
             normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
             orientation = _orientation_name(normal)
         number = ds.get("SeriesNumber")
         infos.append(SeriesInfo(uid=uid, files=[f for f, _ in items], params=params,
-                                n_slices=len(items), orientation=orientation,
+                                n_slices=len(frames), orientation=orientation,
                                 number=int(number) if number not in (None, "") else None))
     infos.sort(key=lambda s: (s.number if s.number is not None else 10**9, s.uid))
     return infos
@@ -328,44 +457,47 @@ def _load_dicom_files(files: list[Path], kind: str | None, max_voxels: int | Non
         except Exception as exc:
             raise ImageError(f"{f}: unreadable DICOM ({type(exc).__name__}: {exc})") from exc
     first = datasets[0]
-    if int(first.get("NumberOfFrames", 1) or 1) > 1:
-        raise ImageError(f"{files[0]}: multi-frame DICOM ({int(first.get('NumberOfFrames'))} frames) is not supported; convert it to NIfTI "
-                         "(e.g. dcm2niix) or export classic single-frame images")
-    if len(datasets) < 2:
+    frames = [fr for f, ds in zip(files, datasets) for fr in _frames_of(f, ds)]
+    multiframe = any(_is_multiframe(ds) for ds in datasets)
+    if len(frames) < 2:
         raise ImageError(f"{files[0]}: a single slice; a 3D series of >= 2 slices is needed "
                          "(give the series folder, not one file)")
-    for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
-        missing = [f.name for f, ds in zip(files, datasets) if key not in ds]
+    for key, attr in (("ImagePositionPatient", "position"), ("ImageOrientationPatient", "orientation"),
+                      ("PixelSpacing", "pixel_spacing"), ("Rows", "rows"), ("Columns", "cols")):
+        missing = [fr.name for fr in frames if getattr(fr, attr) is None or (attr in ("rows", "cols") and not getattr(fr, attr))]
         if missing:
-            raise ImageError(f"{where}: {len(missing)} file(s) lack {key} (e.g. {missing[0]}); cannot place slices")
+            what = "frame(s)" if multiframe else "file(s)"
+            raise ImageError(f"{where}: {len(missing)} {what} lack {key} (e.g. {missing[0]}); cannot place slices")
 
-    iop = np.asarray(first.ImageOrientationPatient, dtype=float)
-    for f, ds in zip(files, datasets):
-        if np.abs(np.asarray(ds.ImageOrientationPatient, float) - iop).max() > _ORIENT_TOL:
-            raise ImageError(f"{where}: slices have different orientations ({f.name}); "
+    ref = frames[0]
+    iop = ref.orientation
+    for fr in frames:
+        if fr.orientation.shape != (6,) or np.abs(fr.orientation - iop).max() > _ORIENT_TOL:
+            raise ImageError(f"{where}: slices have different orientations ({fr.name}); "
                              "more than one stack in the series (localiser?)")
-        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
-            raise ImageError(f"{where}: slices have different sizes ({f.name}: {ds.Rows}x{ds.Columns} "
-                             f"vs {first.Rows}x{first.Columns})")
-        if np.abs(np.asarray(ds.PixelSpacing, float) - np.asarray(first.PixelSpacing, float)).max() > 1e-4:
-            raise ImageError(f"{where}: slices have different pixel spacings ({f.name})")
+        if (fr.rows, fr.cols) != (ref.rows, ref.cols):
+            raise ImageError(f"{where}: slices have different sizes ({fr.name}: {fr.rows}x{fr.cols} "
+                             f"vs {ref.rows}x{ref.cols})")
+        if np.abs(fr.pixel_spacing - ref.pixel_spacing).max() > 1e-4:
+            raise ImageError(f"{where}: slices have different pixel spacings ({fr.name})")
 
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
     if abs(np.linalg.norm(normal) - 1) > 0.01:
         raise ImageError(f"{where}: ImageOrientationPatient is not two orthonormal directions")
-    positions = np.array([np.asarray(ds.ImagePositionPatient, float) for ds in datasets])
+    positions = np.array([fr.position for fr in frames])
     dist = positions @ normal
     order = np.argsort(dist, kind="stable")
     dist, positions = dist[order], positions[order]
-    datasets = [datasets[i] for i in order]
-    files = [files[i] for i in order]
+    frames = [frames[i] for i in order]
 
     steps = np.diff(dist)
     if np.any(steps < 1e-3):
         n_unique = len(np.unique(np.round(dist, 3)))
+        kinds = sorted({fr.what for fr in frames if fr.what})
+        differ = f" (frames differ in: {'; '.join(kinds[:4])})" if len(kinds) > 1 else ""
         raise ImageError(f"{where}: {len(dist)} slices at only {n_unique} distinct positions "
-                         "(several echoes/time points/volumes in one series); split them first")
+                         f"(several echoes/time points/volumes in one series){differ}; split them first")
     spacing = float(np.median(steps))
     if np.any(np.abs(steps - spacing) > _SPACING_RTOL * spacing + _SPACING_ATOL):
         raise ImageError(f"{where}: inconsistent slice spacing ({steps.min():.3g}-{steps.max():.3g} mm); "
@@ -377,25 +509,30 @@ def _load_dicom_files(files: list[Path], kind: str | None, max_voxels: int | Non
         raise ImageError(f"{where}: gantry tilt / sheared stack of {tilt:.1f} degrees is not supported; "
                          "resample it (e.g. dcm2niix) first")
 
-    rows, cols, n = int(first.Rows), int(first.Columns), len(datasets)
+    rows, cols, n = ref.rows, ref.cols, len(frames)
     limit = max_voxels if max_voxels is not None else pim.MAX_VOXELS
     if rows * cols * n > limit:
         raise ImageError(f"{where}: {rows * cols * n} voxels exceeds the memory guard of {limit}")
 
     volume = np.empty((cols, rows, n), dtype=np.float32)
-    for k, f in enumerate(files):
+    slots: dict[Path, list[tuple[int, _Frame]]] = {}
+    for k, fr in enumerate(frames):
+        slots.setdefault(fr.file, []).append((k, fr))
+    for f, items in slots.items():     # each file's pixels decoded once
         try:
-            ds = pydicom.dcmread(str(f))
-            arr = ds.pixel_array
+            arr = pydicom.dcmread(str(f)).pixel_array
         except Exception as exc:
             raise ImageError(f"{f}: cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
-        if arr.ndim != 2:
-            raise ImageError(f"{f}: pixel data has shape {arr.shape}; expected one 2D slice (colour or multi-frame?)")
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        volume[:, :, k] = (arr.astype(np.float32) * slope + intercept).T
+        for k, fr in items:
+            if fr.index is None and arr.ndim != 2:
+                raise ImageError(f"{f}: pixel data has shape {arr.shape}; expected one 2D slice (colour?)")
+            plane = arr if fr.index is None else (arr[fr.index] if arr.ndim == 3 else arr)
+            if plane.shape != (rows, cols):
+                raise ImageError(f"{fr.name}: pixel data has shape {plane.shape}; expected {rows}x{cols} "
+                                 "(colour images are not supported)")
+            volume[:, :, k] = (plane.astype(np.float32) * fr.slope + fr.intercept).T
 
-    ps = np.asarray(first.PixelSpacing, float)   # (between rows, between columns)
+    ps = ref.pixel_spacing   # (between rows, between columns)
     lps = np.eye(4)
     lps[:3, 0] = row_dir * ps[1]   # array axis 0 = column index: moves along a row
     lps[:3, 1] = col_dir * ps[0]   # array axis 1 = row index
@@ -408,8 +545,13 @@ def _load_dicom_files(files: list[Path], kind: str | None, max_voxels: int | Non
         "series_uid": str(first.get("SeriesInstanceUID", "")),
         "sequence": _sequence_params(first),
         "identifiers": _identifiers(first),
-        "dicom_files": [str(f) for f in files],   # slice order, for DICOM SEG
+        # slice order, for DICOM SEG: the file of each slice, and its frame number (1-based) in a
+        # multi-frame file
+        "dicom_files": [str(fr.file) for fr in frames],
+        "dicom_frames": [None if fr.index is None else fr.index + 1 for fr in frames],
     }
+    if multiframe:
+        meta["multiframe"] = True
     return Image(volume, affine, kind, meta)
 
 

@@ -101,7 +101,8 @@ def write_dicom_seg(path, labels: Image, source: Image) -> None:
     """Write the label map as a DICOM Segmentation (highdicom) referencing the source series.
 
     ``labels`` must be on the grid of ``source``, a DICOM image loaded by ``pipeline.io`` (whose
-    ``meta["dicom_files"]`` lists its files in slice order; array axes = column, row, slice).
+    ``meta["dicom_files"]`` lists its files in slice order, ``meta["dicom_frames"]`` the frame
+    numbers of a multi-frame source; array axes = column, row, slice).
     Segments are the project's structures, coded in a local scheme (99IFISEG) under the SNOMED
     category "Anatomical Structure". The SEG copies the patient/study module of the source, as
     the standard requires: it is a clinical object, not an anonymised output.
@@ -116,13 +117,24 @@ def write_dicom_seg(path, labels: Image, source: Image) -> None:
     files = source.meta.get("dicom_files")
     if not files or len(files) != labels.shape[2]:
         raise ValueError("DICOM SEG needs the source DICOM series on the label map's grid")
+    frame_numbers = source.meta.get("dicom_frames") or [None] * len(files)
+    planes = np.transpose(np.asarray(labels.array, np.uint8), (2, 1, 0))   # (slice, row, column)
+    if any(k is not None for k in frame_numbers):
+        # a multi-frame source: one SEG frame per source frame, in the source's frame order
+        if len(set(files)) != 1:
+            raise ValueError("DICOM SEG of a series spread over several multi-frame files is not supported")
+        files = files[:1]
+        frames = np.empty_like(planes)
+        frames[np.asarray(frame_numbers, int) - 1] = planes
+    else:
+        frames = planes
     datasets = [pydicom.dcmread(f) for f in files]
     for ds in datasets:   # type 2 attributes some exports omit; highdicom copies them (may be empty)
         for attr in ("StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName", "AccessionNumber",
                      "PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
             if attr not in ds:
                 setattr(ds, attr, "")
-    frames = np.ascontiguousarray(np.transpose(np.asarray(labels.array, np.uint8), (2, 1, 0)))
+    frames = np.ascontiguousarray(frames)
     names = label_names()
     algorithm = hd.AlgorithmIdentificationSequence(name="ifi-seg", version=__version__,
                                                    family=codes.cid7162.ArtificialIntelligence)

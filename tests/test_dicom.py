@@ -248,3 +248,154 @@ def test_fluid_kind_of_a_dicom_folder_comes_from_its_headers(tmp_path):
     assert normalise_inputs({"fluid": tmp_path / "series_a"})["fluid_kind"] == "stir"
     assert normalise_inputs({"fluid": tmp_path / "series_b"})["fluid_kind"] == "t2fs"
     assert normalise_inputs({"fluid": tmp_path / "x_STIR.nii.gz"})["fluid_kind"] == "stir"
+
+
+# ---- multi-frame (enhanced) DICOM --------------------------------------------------------------
+@pytest.mark.parametrize("flip", [False, True])
+def test_enhanced_multiframe_file_lands_on_the_same_world_points(tmp_path, flip):
+    """One Enhanced MR file (frames shuffled, geometry and rescale only in the functional groups)
+    reads back to the NIfTI's voxels at the NIfTI's world coordinates, stored RAS or flipped."""
+    from data_scripts.nifti_to_dicom import write_enhanced_mr
+
+    img = _volume()
+    if flip:
+        img = Image(img.array[::-1, :, ::-1].copy(), img.affine @ np.array(
+            [[-1, 0, 0, 19], [0, 1, 0, 0], [0, 0, -1, 5], [0, 0, 0, 1]], float), "t1")
+    path = write_enhanced_mr(img, tmp_path / "mf" / "t1.dcm", kind="t1", shuffle=True, seed=4)
+    back = load_series(path, "t1")
+    ijk = np.argwhere(np.ones(back.shape, bool)).astype(float)
+    src = img.world_to_voxel(back.voxel_to_world(ijk))
+    np.testing.assert_allclose(src, np.rint(src), atol=1e-3)
+    i, j, k = np.rint(src).astype(int).T
+    np.testing.assert_allclose(back.array.ravel(), img.array[i, j, k], atol=0.05)
+    assert back.meta["multiframe"] and sorted(back.meta["dicom_frames"]) == list(range(1, 7))
+    assert back.meta["sequence"]["RepetitionTime"] == 550.0       # from the MR timing group
+    (info,) = find_series(tmp_path / "mf")
+    assert info.n_slices == 6 and "6 slices" in info.summary()
+
+
+@pytest.mark.parametrize("kind", ["t1", "t2fs", "stir", "dixon_fat", "dixon_water"])
+def test_enhanced_series_classified_from_its_functional_groups(tmp_path, kind):
+    """With an uninformative description, the kind comes from what the Enhanced MR IOD keeps in
+    functional groups: inversion recovery and TI, fat suppression, TR / TE, the frame type."""
+    import pydicom
+
+    from data_scripts.nifti_to_dicom import write_enhanced_mr
+
+    path = write_enhanced_mr(_volume((12, 12, 4), oblique=False), tmp_path / "s" / "x.dcm", kind=kind)
+    ds = pydicom.dcmread(str(path))
+    ds.SeriesDescription = "series 3"
+    if kind.startswith("dixon"):        # the kind is then only in the frame type
+        ds.ImageType = ["DERIVED", "PRIMARY", "DIXON", "MIXED"]
+    ds.save_as(str(path))
+    (info,) = find_series(tmp_path / "s")
+    from pipeline.io import classify_series
+
+    assert classify_series(info) == kind
+
+
+def test_legacy_converted_enhanced_reads_like_its_classic_series(tmp_path):
+    """highdicom's legacy converter (classic slices -> one Legacy Converted Enhanced MR file; an
+    independent writer) gives the same voxels and affine as the classic series it came from."""
+    import highdicom as hd
+    import pydicom
+
+    files = write_dicom_series(_volume(), tmp_path / "classic", kind="stir", shuffle=True)
+    classic = load_series(tmp_path / "classic", "stir")
+    converted = hd.legacy.LegacyConvertedEnhancedMRImage(
+        [pydicom.dcmread(str(f)) for f in files], series_instance_uid=hd.UID(), series_number=7,
+        sop_instance_uid=hd.UID(), instance_number=1)
+    (tmp_path / "mf").mkdir()
+    converted.save_as(str(tmp_path / "mf" / "stir.dcm"))
+    back = load_series(tmp_path / "mf", "stir")
+    np.testing.assert_allclose(back.affine, classic.affine, atol=1e-4)
+    np.testing.assert_allclose(back.array, classic.array, atol=1e-3)
+    assert back.meta["sequence"]["InversionTime"] == 160.0      # kept among the converted attributes
+    (info,) = find_series(tmp_path / "mf")
+    from pipeline.io import classify_series
+
+    assert classify_series(info) == "stir"
+
+
+def test_multiframe_with_several_frame_types_at_each_position_rejected_naming_them(tmp_path):
+    from data_scripts.nifti_to_dicom import write_enhanced_mr
+
+    path = write_enhanced_mr(_volume((12, 12, 4), oblique=False), tmp_path / "dix.dcm", kind="dixon_water",
+                             frame_types=["WATER", "FAT"])
+    with pytest.raises(ImageError, match=r"8 slices at only 4 distinct positions.*FAT.*WATER"):
+        load_series(path, "dixon_water")
+
+
+def test_enhanced_dicom_input_labels_overlay_and_dicom_seg(tmp_path):
+    """A study of Enhanced MR files goes end to end: its label map lies on the T1's grid voxel
+    for voxel, and the DICOM SEG refers each of its frames to the right source frame."""
+    import highdicom as hd
+    import pydicom
+    from synthetic_subject import make_images, make_labels
+
+    from data_scripts.nifti_to_dicom import write_enhanced_mr
+    from pipeline.api import run_subject
+
+    lab = make_labels()
+    images = make_images(lab)
+    save_nifti(lab, tmp_path / "truth_labels.nii.gz", dtype=np.uint8)
+    write_enhanced_mr(images["t1"], tmp_path / "study" / "t1.dcm", kind="t1", series_number=1, seed=1)
+    write_enhanced_mr(images["fluid"], tmp_path / "study" / "stir.dcm", kind="stir", series_number=2, seed=2)
+    chosen, _ = choose_series(find_series(tmp_path / "study"))
+    assert set(chosen) == {"t1", "fluid"} and chosen["fluid"].params["_kind"] == "stir"
+    out = tmp_path / "out"
+    run_subject({**chosen, "fluid_kind": "stir"}, out, write_dicom_seg=True,
+                labels_override=tmp_path / "truth_labels.nii.gz")
+    t1 = load_series(chosen["t1"], "t1")
+    written = load_nifti(out / "labels.nii.gz", "labels")
+    np.testing.assert_allclose(written.affine, t1.affine, atol=1e-5)
+    np.testing.assert_array_equal(written.array, lab.array)
+    assert (out / "labels.seg.dcm").exists()
+
+
+@pytest.mark.parametrize("enhanced", [False, True])
+def test_dicom_seg_frames_refer_to_the_source_slices_they_were_drawn_on(tmp_path, enhanced):
+    """Every slice of a label map that differs from slice to slice comes back from the DICOM SEG
+    through the source frame (multi-frame) or file (classic) at its position."""
+    import highdicom as hd
+    import pydicom
+
+    from data_scripts.nifti_to_dicom import write_enhanced_mr
+    from pipeline.report import write_dicom_seg
+
+    img = _volume((16, 12, 6))
+    if enhanced:
+        source = load_series(write_enhanced_mr(img, tmp_path / "t1.dcm", kind="t1", seed=3), "t1")
+        assert source.meta["dicom_frames"] != sorted(source.meta["dicom_frames"])   # frames shuffled
+    else:
+        write_dicom_series(img, tmp_path / "t1", kind="t1", shuffle=True, seed=3)
+        source = load_series(tmp_path / "t1", "t1")
+    labels = np.zeros(source.shape, np.uint8)
+    for k in range(source.shape[2]):
+        labels[k:k + 3, 2:5 + k, k] = 1 + k % 4     # a different shape and value on every slice
+    write_dicom_seg(tmp_path / "seg.dcm", Image(labels, source.affine, "labels"), source)
+    seg = hd.seg.segread(str(tmp_path / "seg.dcm"))
+    if enhanced:
+        uid = pydicom.dcmread(source.meta["dicom_files"][0], stop_before_pixels=True).SOPInstanceUID
+        planes = seg.get_pixels_by_source_frame(source_sop_instance_uid=uid,
+                                                source_frame_numbers=source.meta["dicom_frames"],
+                                                combine_segments=True, skip_overlap_checks=True)
+    else:
+        uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in source.meta["dicom_files"]]
+        planes = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True,
+                                                   skip_overlap_checks=True)
+    np.testing.assert_array_equal(np.transpose(planes, (2, 1, 0)), labels)
+
+
+def test_multiframe_without_frame_positions_rejected(tmp_path):
+    import pydicom
+
+    from data_scripts.nifti_to_dicom import write_enhanced_mr
+
+    path = write_enhanced_mr(_volume((12, 12, 4), oblique=False), tmp_path / "mf.dcm", kind="t1")
+    ds = pydicom.dcmread(str(path))
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        del item.PlanePositionSequence
+    ds.save_as(str(path))
+    with pytest.raises(ImageError, match="4 frame\\(s\\) lack ImagePositionPatient"):
+        load_series(path, "t1")
