@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                "cut-offs, not diagnoses.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_argument_group("inputs (choose one mode)")
-    src.add_argument("--t1", metavar="PATH", help="T1-weighted scan (NIfTI file or DICOM series folder)")
+    src.add_argument("--t1", metavar="PATH",
+                     help="T1-weighted scan (NIfTI file, DICOM series folder or multi-frame DICOM file)")
     fluid = src.add_mutually_exclusive_group()
     fluid.add_argument("--t2fs", metavar="PATH", help="T2 (or PD) fat-saturated scan")
     fluid.add_argument("--stir", metavar="PATH", help="STIR scan")

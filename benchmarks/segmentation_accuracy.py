@@ -137,13 +137,14 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
         t0 = time.perf_counter()
         if imgs is None:
             pred, conf, seconds, resegmented, partial, fat_ratio = truth_lab, {}, 0.0, False, "", None
+            t1_ratio, roles_swapped = None, False
             meas_imgs = {k: v for k, v in all_imgs.items() if v is not None}
         else:
             seg = segment(imgs, model, bf16=bf16, mirror=mirror, shading=shading,
                           partial_coverage=partial_coverage)
             pred, conf, seconds = seg.labels, seg.confidence, time.perf_counter() - t0
             resegmented, partial = seg.shading_corrected, "+".join(seg.partial_channels)
-            fat_ratio = seg.fluid_fat_ratio
+            fat_ratio, t1_ratio, roles_swapped = seg.fluid_fat_ratio, seg.t1_fat_ratio, seg.t1_fluid_swapped
             meas_imgs = dixon_pair if mode == "dixon" else imgs
         measured = measure_hips(pred, {**meas_imgs, **dixon_imgs}, config=config)
         exchanged = False
@@ -170,7 +171,9 @@ def evaluate_subject(row: dict, cohort: Path, model, modes, truth_labels: bool,
                    "dixon_exchanged": exchanged,
                    "partial_coverage_pass": partial,
                    "resegmented": resegmented,
-                   "fluid_fat_ratio": None if fat_ratio is None else round(fat_ratio, 3)}
+                   "fluid_fat_ratio": None if fat_ratio is None else round(fat_ratio, 3),
+                   "t1_fat_ratio": None if t1_ratio is None else round(t1_ratio, 3),
+                   "t1_fluid_swapped": roles_swapped}
             if side != "all" and side not in centres:
                 continue
             sel = np.ones(pred.shape, bool) if side == "all" else (sides == SIDES.index(side))
@@ -315,6 +318,14 @@ def summarise(rows: list[dict]) -> str:
             lines.append(f"  fat / muscle on the fluid series: {min(fr):.2f}-{max(fr):.2f} (median "
                          f"{np.median(fr):.2f}); not fat-suppressed (> {UNSUPPRESSED_FAT_RATIO:g}): "
                          f"{n_un} of {len(fr)} scans")
+        t1r = [float(r["t1_fat_ratio"]) for r in rs if r.get("t1_fat_ratio") not in (None, "")]
+        if t1r:
+            from pipeline.segment import T1_MIN_FAT_RATIO
+            n_sw = sum(str(r.get("t1_fluid_swapped")) == "True" for r in rs)
+            lines.append(f"  fat / muscle on the T1: {min(t1r):.2f}-{max(t1r):.2f} (median {np.median(t1r):.2f}); "
+                         f"not a T1 (< {T1_MIN_FAT_RATIO:g}): {sum(v < T1_MIN_FAT_RATIO for v in t1r)} of "
+                         f"{len(t1r)} scans; read as given the wrong way round (infer.py exchanges them, "
+                         f"this benchmark does not): {n_sw}")
         secs = [r["seconds"] for r in rs if r["seconds"]]
         if secs:
             lines.append(f"  seconds per scan: median {np.median(secs):.1f}")

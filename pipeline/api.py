@@ -85,8 +85,10 @@ def resolve_label_table(labels_override, label_table=None):
 
 def _guess_fluid_kind(value) -> str:
     """t2fs or stir for a fluid series given without its kind: from the DICOM headers (series
-    classification) when it is DICOM, else from the file name ("stir" in it), else t2fs."""
-    from pipeline.io import SeriesInfo, classify_series, find_series
+    classification) when it is DICOM, or a NIfTI's JSON sidecar (dcm2niix), else from the file
+    name ("stir" in it), else t2fs."""
+    from pipeline.io import (SeriesInfo, classify_series, dicom_file_params, find_series, is_nifti,
+                             read_sidecar)
 
     kind = None
     if isinstance(value, SeriesInfo):
@@ -97,8 +99,13 @@ def _guess_fluid_kind(value) -> str:
         except ImageError:
             series = []
         kind = classify_series(series[0]) if len(series) == 1 else None
-    elif "stir" in Path(str(value)).name.lower():
-        kind = "stir"
+    elif Path(str(value)).is_file() and not is_nifti(value):      # one (multi-frame) DICOM file
+        kind = classify_series(dicom_file_params(value))
+    else:
+        sidecar = read_sidecar(value)
+        kind = classify_series(sidecar) if sidecar else None
+        if kind not in FLUID_KINDS and "stir" in Path(str(value)).name.lower():
+            kind = "stir"
     return kind if kind in FLUID_KINDS else "t2fs"
 
 
@@ -168,6 +175,9 @@ def _load_inputs(inputs: dict, max_voxels: int | None, warnings: list[str]) -> d
         if role == "fluid":
             img.meta["fluid_kind"] = kind
         warnings += [f"{role}: {w}" for w in img.meta.get("warnings", [])]
+        mismatch = _header_role_mismatch(role, img)
+        if mismatch:
+            warnings.append(mismatch)
         images[role] = img
     ref_role = reference_role(images)
     for role, img in images.items():
@@ -180,6 +190,27 @@ def _load_inputs(inputs: dict, max_voxels: int | None, warnings: list[str]) -> d
         if w:
             warnings.append(w)
     return images
+
+
+#: What each input role may be, as ``pipeline.io.classify_series`` names series.
+_ROLE_KINDS = {"t1": ("t1",), "fluid": ("t2fs", "stir"), "dixon_fat": ("dixon_fat",),
+               "dixon_water": ("dixon_water",)}
+
+
+def _header_role_mismatch(role: str, img: Image) -> str | None:
+    """A warning when an input's own headers (DICOM, or a NIfTI's JSON sidecar) classify it as
+    another kind of series than the role it was given for (e.g. a STIR given as the T1); None
+    when they agree or say nothing definite."""
+    from pipeline.io import classify_series
+
+    params = img.meta.get("sequence") or {}
+    kind = classify_series(params) if params else None
+    if kind is None or kind in _ROLE_KINDS[role]:
+        return None
+    source = img.meta.get("sequence_source") or "DICOM headers"
+    desc = params.get("SeriesDescription")
+    return (f"{role}: its {source} read as a {kind} series" + (f" ({desc!r})" if desc else "")
+            + f", not a {' or '.join(_ROLE_KINDS[role])}; check the inputs")
 
 
 def reference_role(images: dict) -> str:
@@ -205,12 +236,24 @@ def network_inputs(images: dict[str, Image], warnings: list[str]) -> dict[str, I
     return net
 
 
+def _input_name(value) -> str:
+    """A scan input's name for outputs: its file name, or a DICOM series' folder name."""
+    return value.files[0].parent.name if hasattr(value, "files") else Path(str(value)).name
+
+
+def _exchanged_t1_fluid(images: dict[str, Image], fluid_kind: str) -> dict[str, Image]:
+    """The image dict with its T1 and fluid series exchanged (given the wrong way round)."""
+    t1, fluid = images["fluid"], images["t1"]
+    t1_meta = {k: v for k, v in t1.meta.items() if k != "fluid_kind"}
+    return {**images, "t1": Image(t1.array, t1.affine, "t1", t1_meta),
+            "fluid": Image(fluid.array, fluid.affine, fluid_kind, {**fluid.meta, "fluid_kind": fluid_kind})}
+
+
 def _input_description(role: str, value, img: Image, sha: str | None) -> dict:
     import nibabel as nib
 
-    name = value.files[0].parent.name if hasattr(value, "files") else Path(str(value)).name
     return {
-        "file": name,
+        "file": _input_name(value),
         "sha256": sha,
         "format": img.meta.get("format", "nifti"),
         "kind": img.kind,
@@ -300,6 +343,7 @@ def run_subject(inputs: dict, out_dir, *, model=None, config=None, subject=None,
 
     seg_info: dict = {}
     net_images = None
+    hip_notices: list[str] = []      # also said in each hip's warnings (a cohort's table rows)
     t0 = time.perf_counter()
     if labels_override is not None:
         labels = _load_labels(labels_override, label_table, reference, warnings)
@@ -309,8 +353,10 @@ def run_subject(inputs: dict, out_dir, *, model=None, config=None, subject=None,
     else:
         if model is None:
             model = load_model_or_fail(model_path, device)
-        net_images = network_inputs(images, warnings)
-        labels, seg_info = _segment_on_reference(net_images, model, ref_role, reference, warnings)
+        inputs, hashes, images, net_images, labels, seg_info = _segment_checking_roles(
+            inputs, hashes, images, model, warnings, hip_notices)
+        ref_role = reference_role(images)
+        reference = images[ref_role]
         model_info = model_identity(model)
         stage = "segment"
     timings["segment_s"] = time.perf_counter() - t0
@@ -340,11 +386,12 @@ def run_subject(inputs: dict, out_dir, *, model=None, config=None, subject=None,
                   f"it): the two images were exchanged and the scan {again} again; check which "
                   "series is which")
         warnings.append(notice)
+        hip_notices.append(notice)
         with _stage_errors("measure"):
             result = measure_hips(labels, images, config=config)
-        for hip in result["hips"].values():      # each hip's row of a cohort's table says so too
-            if hip.get("present"):
-                hip["warnings"].append(notice)
+    for hip in result["hips"].values():          # each hip's row of a cohort's table says so too
+        if hip.get("present"):
+            hip["warnings"].extend(hip_notices)
     timings["measure_s"] = time.perf_counter() - t0
 
     inputs_desc = {role: _input_description(role, inputs[role], img, hashes.get(role))
@@ -381,6 +428,34 @@ def run_subject(inputs: dict, out_dir, *, model=None, config=None, subject=None,
     return record
 
 
+def _segment_checking_roles(inputs: dict, hashes: dict, images: dict[str, Image], model,
+                            warnings: list[str], hip_notices: list[str]):
+    """Segment the scan. When fat reads dark on the T1 and bright on the fluid series (the two
+    given the wrong way round, e.g. a manifest's columns mixed up: ``segment.T1_MIN_FAT_RATIO``),
+    exchange them, segment again and say so. Returns (inputs, hashes, images, network inputs,
+    labels on the reference grid, segmentation provenance), the first four exchanged if need be."""
+    ref_role = reference_role(images)
+    net_images = network_inputs(images, warnings)
+    first_pass: list[str] = []
+    labels, seg_info = _segment_on_reference(net_images, model, ref_role, images[ref_role], first_pass)
+    if not seg_info.get("t1_fluid_swapped"):
+        warnings += first_pass
+        return inputs, hashes, images, net_images, labels, seg_info
+    notice = (f"the series given as T1 ({_input_name(inputs['t1'])}) reads fluid-sensitive "
+              f"(fat {seg_info['t1_fat_ratio']:.1f} times the muscles) and the one given as "
+              f"{inputs['fluid_kind']} ({_input_name(inputs['fluid'])}) reads T1-weighted (fat "
+              f"{seg_info['fluid_fat_ratio']:.1f} times): the two were exchanged; check the inputs")
+    inputs = {**inputs, "t1": inputs["fluid"], "fluid": inputs["t1"]}
+    hashes = {**hashes, "t1": hashes.get("fluid"), "fluid": hashes.get("t1")}
+    images = _exchanged_t1_fluid(images, inputs["fluid_kind"])
+    ref_role = reference_role(images)
+    net_images = network_inputs(images, warnings)
+    labels, seg_info = _segment_on_reference(net_images, model, ref_role, images[ref_role], warnings)
+    warnings.append(notice)
+    hip_notices.append(notice)
+    return inputs, hashes, images, net_images, labels, seg_info
+
+
 def _segment_on_reference(net_images: dict, model, ref_role: str, reference: Image,
                           warnings: list[str]) -> tuple[Image, dict]:
     """Segment the network inputs; the label map on the reference grid and the segmentation's
@@ -395,7 +470,8 @@ def _segment_on_reference(net_images: dict, model, ref_role: str, reference: Ima
     warnings += [f"segmentation: {w}" for w in seg.warnings]
     return labels, {"confidence": dict(seg.confidence), "warnings": list(seg.warnings),
                     "timings": {k: float(v) for k, v in seg.timings.items()},
-                    "fluid_fat_ratio": seg.fluid_fat_ratio}
+                    "fluid_fat_ratio": seg.fluid_fat_ratio, "t1_fat_ratio": seg.t1_fat_ratio,
+                    "t1_fluid_swapped": seg.t1_fluid_swapped}
 
 
 @contextlib.contextmanager

@@ -120,6 +120,10 @@ def load_series(path, kind: str | None = None, *, series_uid: str | None = None,
         elif is_nifti(path):
             _nifti_size_guard(path, max_voxels)
             img = load_nifti(path, kind)
+            if kind != "labels":
+                sidecar = read_sidecar(path)
+                if sidecar:
+                    img.meta["sequence"], img.meta["sequence_source"] = sidecar, f"sidecar {sidecar_path(path).name}"
         elif _looks_like_dicom(path):
             img = _load_dicom_files([path], kind, max_voxels)
         else:
@@ -130,6 +134,46 @@ def load_series(path, kind: str | None = None, *, series_uid: str | None = None,
         src = path.files[0].parent if isinstance(path, SeriesInfo) else path
         _validate(img, f"{kind} ({src})", max_voxels)
     return img
+
+
+#: BIDS sidecar fields (dcm2niix) in seconds; the DICOM attributes of the same names are in ms.
+_SIDECAR_SECONDS = {"RepetitionTime": 50.0, "EchoTime": 1.0, "InversionTime": 10.0}
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """The JSON sidecar a converter (dcm2niix, BIDS) writes beside a NIfTI: same stem, ``.json``."""
+    path = Path(path)
+    stem = path.name[:-7] if path.name.lower().endswith(".nii.gz") else path.with_suffix("").name
+    return path.with_name(stem + ".json")
+
+
+def read_sidecar(path: str | Path) -> dict:
+    """The sequence parameters (``SEQUENCE_TAGS``, times in ms as in DICOM) of a NIfTI's JSON
+    sidecar (dcm2niix / BIDS), or {} when there is none or it is not such a file. Identifying
+    fields a sidecar may hold are not read."""
+    import json
+
+    side = sidecar_path(path)
+    if not side.is_file():
+        return {}
+    try:
+        data = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    out = {}
+    for tag in SEQUENCE_TAGS:
+        val = data.get(tag)
+        if tag == "SeriesDescription" and not val:
+            val = data.get("ProtocolName")
+        if val is None or val == "" or isinstance(val, dict):
+            continue
+        if tag in _SIDECAR_SECONDS and isinstance(val, (int, float)):
+            # BIDS gives seconds; a value no sequence has in seconds was written in ms already
+            val = float(val) if val > _SIDECAR_SECONDS[tag] else round(float(val) * 1000.0, 6)
+        out[tag] = val
+    return out
 
 
 def _validate(img: Image, name: str, max_voxels: int | None) -> None:
@@ -369,6 +413,17 @@ def _sequence_params(ds) -> dict:
             out.setdefault(key, val)
     return out
 
+
+
+def dicom_file_params(path: str | Path) -> dict:
+    """The sequence parameters (``SEQUENCE_TAGS``; an enhanced file's from its functional
+    groups) of one DICOM file, from its header; {} when it is not readable DICOM."""
+    import pydicom
+
+    try:
+        return _sequence_params(pydicom.dcmread(str(path), stop_before_pixels=True))
+    except Exception:
+        return {}
 
 def _plain(val):
     """A DICOM value as JSON-friendly Python (float, int, str, list)."""
@@ -678,5 +733,6 @@ def choose_series(infos: list[SeriesInfo], overrides: dict[str, str] | None = No
 __all__ = [
     "SeriesInfo", "load_series", "load_dicom_series", "find_series", "classify_series",
     "choose_series", "hash_input", "check_overlap", "is_nifti", "validate_intensity_image",
+    "read_sidecar", "sidecar_path", "dicom_file_params",
     "LPS_TO_RAS", "SEQUENCE_TAGS", "IDENTIFYING_TAGS",
 ]

@@ -92,6 +92,13 @@ SHADING_MIN_PROB = 0.9
 #: grade (``MeasureConfig.fat_suppression_max_ratio``). Such a series is left out of the
 #: network's input when a T1 is there (``segment``).
 UNSUPPRESSED_FAT_RATIO = MeasureConfig.fat_suppression_max_ratio
+#: A T1 on which subcutaneous fat is below this many times muscle is not a T1 without fat
+#: suppression (held-out phantoms' T1 2.7-4.8, 0.9 at the least under the tissue-contrast probe
+#: at factors up to 2.5; their fat-suppressed fluid series 0.1-1.2, the example's STIR 0.4). With a
+#: fluid series beside it, the T1 is left out of the network's input; with a fluid series on which
+#: fat is bright, the two were given the wrong way round (``Segmentation.t1_fluid_swapped``;
+#: ``pipeline.api.run_subject`` exchanges them).
+T1_MIN_FAT_RATIO = 0.8
 #: The mirror test-time pass covers the measured structures (``MIRROR_CLASSES``, as the first pass
 #: labels them) plus this margin (working-grid voxels along each axis): the network was trained on
 #: 128 x 128 x 16 patches, and the margin keeps the crop's edges, where it sees zero padding instead
@@ -131,9 +138,13 @@ class Segmentation:
     # channels covering only part of the body, beyond which the labels come from a pass without
     # them (``reference_probabilities``)
     partial_channels: list[str] = field(default_factory=list)
-    # fluid series: median of confident subcutaneous fat over that of confident muscle
-    # (``fluid_fat_ratio``); None without a fluid series
+    # median of confident subcutaneous fat over that of confident muscle (``fat_muscle_ratio``)
+    # on the fluid series and on the T1; None without the series
     fluid_fat_ratio: float | None = None
+    t1_fat_ratio: float | None = None
+    # the T1 reads fluid-sensitive and the fluid series T1-weighted: given the wrong way round
+    # (only the first pass was made)
+    t1_fluid_swapped: bool = False
 
 
 def _default_threads() -> None:
@@ -524,17 +535,17 @@ def _confident(probs_w, working_affine: np.ndarray, names, stride: int) -> tuple
     return {n: p[LABELS[n]] > SHADING_MIN_PROB for n in names}, aff
 
 
-def fluid_fat_ratio(images: dict[str, Image], probs_w, working_affine: np.ndarray,
-                    stride: int = 2) -> float | None:
-    """Median signal of the fluid series over the voxels the network is sure are subcutaneous
-    fat, divided by that over those it is sure are muscle (gluteus maximus, other muscle); None
-    without a fluid series or either tissue. Fat-suppressed series stay near or below 1
-    (``UNSUPPRESSED_FAT_RATIO``)."""
+def fat_muscle_ratio(images: dict[str, Image], probs_w, working_affine: np.ndarray,
+                     series: str = "fluid", stride: int = 2) -> float | None:
+    """Median signal of ``series`` ("fluid" or "t1") over the voxels the network is sure are
+    subcutaneous fat, divided by that over those it is sure are muscle (gluteus maximus, other
+    muscle); None without the series or either tissue. Fat-suppressed series stay near or below 1
+    (``UNSUPPRESSED_FAT_RATIO``), a T1 well above (``T1_MIN_FAT_RATIO``)."""
     from pipeline.grid import FLUID_KEYS, pick_image
     from pipeline.sides import Mask
     from pipeline.signal import sample_in_mask
 
-    img = pick_image(images, FLUID_KEYS)[1]
+    img = pick_image(images, FLUID_KEYS if series == "fluid" else (series,))[1]
     if img is None:
         return None
     masks, aff = _confident(probs_w, working_affine,
@@ -585,26 +596,42 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
                                                  bf16, mirror, partial_coverage)
     exclude, note = (), None
     t0 = time.perf_counter()
-    ratio = fluid_fat_ratio(images, probs_w, working_affine)
+    ratio = fat_muscle_ratio(images, probs_w, working_affine, "fluid")
+    t1_img = images.get("t1")
+    # a T1-like image made from a Dixon pair has its own swap check (``signal.dixon_swap_check``)
+    t1_ratio = (fat_muscle_ratio(images, probs_w, working_affine, "t1")
+                if t1_img is not None and "synthesised_from" not in t1_img.meta else None)
     check_s = time.perf_counter() - t0
-    if ratio is not None and ratio > UNSUPPRESSED_FAT_RATIO:
+    t1_dark = t1_ratio is not None and t1_ratio < T1_MIN_FAT_RATIO
+    if t1_dark and ratio is not None and ratio > UNSUPPRESSED_FAT_RATIO:
+        seg.warnings.append(f"fat reads {t1_ratio:.1f} times the muscles on the T1 and {ratio:.1f} times "
+                            "on the fluid series: the two look given the wrong way round")
+        seg.fluid_fat_ratio, seg.t1_fat_ratio, seg.t1_fluid_swapped = ratio, t1_ratio, True
+        seg.timings["fat_suppression_check"] = check_s
+        return seg
+    drop, other = None, None
+    if t1_dark:
+        note = (f"fat is no brighter than the muscles on the T1 ({t1_ratio:.1f} times): not a T1 "
+                "without fat suppression, unlike the series the network was trained on")
+        drop, other = "t1", ("fluid series" if "fluid" in model.channels and ratio is not None else None)
+    elif ratio is not None and ratio > UNSUPPRESSED_FAT_RATIO:
         note = (f"fat is bright on the fluid series ({ratio:.1f} times the muscles): not "
                 "fat-suppressed, or fat suppression failed, unlike the series the network was "
                 "trained on")
-        if "t1" in model.channels and images.get("t1") is not None:
-            exclude = ("fluid",)
-            seg, probs_w, working_affine = _segment_once(images, model, reference,
-                                                         return_probabilities, bf16, mirror,
-                                                         partial_coverage, exclude)
-            note += ": segmented from the T1 alone"
-        else:
-            note += ": the labels are less certain; check the QC picture"
+        drop, other = "fluid", ("T1" if "t1" in model.channels and t1_img is not None else None)
+    if drop and other:      # segmented again without the series that is not what it should be
+        exclude = (drop,)
+        seg, probs_w, working_affine = _segment_once(images, model, reference, return_probabilities,
+                                                     bf16, mirror, partial_coverage, exclude)
+        note += f": segmented from the {other} alone"
+    elif drop:
+        note += ": the labels are less certain; check the QC picture"
     if shading:
         seg = _shading_pass(seg, probs_w, working_affine, images, model, reference,
                             return_probabilities, bf16, mirror, partial_coverage, exclude)
     if note:
         seg.warnings.append(note)
-    seg.fluid_fat_ratio = ratio
+    seg.fluid_fat_ratio, seg.t1_fat_ratio = ratio, t1_ratio
     seg.timings["fat_suppression_check"] = check_s
     return seg
 

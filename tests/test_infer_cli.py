@@ -228,3 +228,68 @@ def test_summary_line_says_when_a_qfs_is_implausible(capsys):
     right, left = capsys.readouterr().out.splitlines()
     assert "QFS 19.0 mm" in right and "implausible" not in right
     assert "QFS 19.0 mm (implausible" in left
+
+
+def test_t1_and_fluid_given_the_wrong_way_round_are_exchanged(tmp_path, monkeypatch):
+    """A STIR given as the T1 and the T1 as the STIR (a manifest's columns mixed up): when the
+    segmentation reads fat dark on the 'T1' and bright on the 'STIR', the two are exchanged and
+    every measurement, grade and overlay is that of the inputs given the right way round, with
+    a notice in the provenance and in each hip's warnings. The network is faked: it returns the
+    true labels and the fat / muscle ratios of the images it is given."""
+    import pipeline.api as api
+    from pipeline.image import Image, load_nifti
+
+    paths = write_subject(tmp_path / "s")
+    truth = load_nifti(paths["labels"], "labels")
+    fat, muscle = truth.array == 8, np.isin(truth.array, (7, 10))
+    seen = []
+
+    def ratio(img):
+        return float(np.median(img.array[fat]) / np.median(img.array[muscle]))
+
+    def fake_segment(net_images, model, ref_role, reference, warnings):
+        r1, r2 = ratio(net_images["t1"]), ratio(net_images["fluid"])
+        seen.append(round(r1, 1))
+        return (Image(truth.array.copy(), reference.affine.copy(), "labels", {}),
+                {"confidence": {}, "warnings": [], "timings": {}, "fluid_fat_ratio": r2,
+                 "t1_fat_ratio": r1, "t1_fluid_swapped": r1 < 1 and r2 > 2})
+
+    monkeypatch.setattr(api, "_segment_on_reference", fake_segment)
+    model = type("FakeModel", (), {"meta": {"name": "fake"}, "path": None})()
+    right = api.run_subject({"t1": paths["t1"], "stir": paths["stir"]}, tmp_path / "right", model=model)
+    wrong = api.run_subject({"t1": paths["stir"], "stir": paths["t1"]}, tmp_path / "wrong", model=model)
+    assert seen == [2.2, 0.4, 2.2]             # right; wrong, then exchanged
+    notice = [w for w in wrong["provenance"]["warnings"] if "the two were exchanged" in w]
+    assert len(notice) == 1 and "given as T1 (stir.nii.gz)" in notice[0]
+    assert {r: d["file"] for r, d in wrong["provenance"]["inputs"].items()} == {"t1": "t1.nii.gz", "fluid": "stir.nii.gz"}
+    assert wrong["provenance"]["input_sha256"] == right["provenance"]["input_sha256"]
+    for side, hip in right["hips"].items():
+        other = wrong["hips"][side]
+        assert other["warnings"] == hip["warnings"] + notice
+        for key in ("ifs_mm", "qfs_mm", "qf_fat_fraction", "qf_goutallier_grade"):
+            assert other[key] == hip[key], (side, key)
+        assert other["qf_edema"]["grade"] == hip["qf_edema"]["grade"]
+    assert right["hips"]["right"]["qf_edema"]["grade"] not in (None, "none")   # edema is graded
+    written = load_nifti(tmp_path / "wrong" / "labels.nii.gz", "labels")
+    np.testing.assert_array_equal(written.array, truth.array)
+
+
+def test_an_input_whose_own_headers_say_another_sequence_is_warned_about(tmp_path):
+    """A STIR given as the T1 alone (nothing to compare it with in the image) is caught by its
+    dcm2niix sidecar; a sidecar that agrees with the role says nothing."""
+    from pipeline.api import run_subject
+
+    paths = write_subject(tmp_path / "s")
+    (tmp_path / "s" / "stir.json").write_text(json.dumps({
+        "SeriesDescription": "AX STIR", "ScanningSequence": "SE\\IR", "RepetitionTime": 5.0,
+        "EchoTime": 0.04, "InversionTime": 0.16}))
+    (tmp_path / "s" / "t1.json").write_text(json.dumps({
+        "SeriesDescription": "T1 TSE AX", "ScanningSequence": "SE", "RepetitionTime": 0.55, "EchoTime": 0.012}))
+    wrong = run_subject({"t1": paths["stir"]}, tmp_path / "wrong", labels_override=paths["labels"])
+    assert "t1: its sidecar stir.json read as a stir series ('AX STIR'), not a t1; check the inputs" \
+        in wrong["provenance"]["warnings"]
+    assert wrong["provenance"]["inputs"]["t1"]["sequence"]["InversionTime"] == 160.0
+    right = run_subject({"t1": paths["t1"], "fluid": paths["stir"]}, tmp_path / "right",
+                        labels_override=paths["labels"])
+    assert right["provenance"]["inputs"]["fluid"]["kind"] == "stir"
+    assert not [w for w in right["provenance"]["warnings"] if "check the inputs" in w]

@@ -1,5 +1,6 @@
 """pipeline.io: NIfTI loading, bad inputs (one clear line each), hashing, grid overlap, series
 classification."""
+import json
 import gzip
 
 import nibabel as nib
@@ -217,3 +218,50 @@ def test_choose_series_prefers_axial_and_honours_overrides():
     assert chosen["t1"].uid == "1.2" and any("chosen by the user" in line for line in lines)
     with pytest.raises(ImageError, match="no such series"):
         choose_series([t1_ax], {"t1": "9.9"})
+
+
+# ---- JSON sidecars of converted NIfTI (dcm2niix / BIDS) ----------------------------------------
+def _sidecar_subject(tmp_path, name: str, sidecar: dict | str):
+    from pipeline.image import Image, save_nifti
+
+    arr = np.random.default_rng(0).uniform(10, 100, (8, 8, 4)).astype(np.float32)
+    path = tmp_path / f"{name}.nii.gz"
+    save_nifti(Image(arr, np.diag([1.0, 1.0, 4.0, 1.0]), "t1"), path)
+    (tmp_path / f"{name}.json").write_text(sidecar if isinstance(sidecar, str) else json.dumps(sidecar))
+    return path
+
+
+def test_sidecar_sequence_parameters_in_ms_without_identifiers(tmp_path):
+    from pipeline.io import load_series, read_sidecar
+
+    path = _sidecar_subject(tmp_path, "sub01_acq-ax_run-1", {
+        "ProtocolName": "AX STIR", "ScanningSequence": "SE\\IR", "RepetitionTime": 5.0, "EchoTime": 0.04,
+        "InversionTime": 0.16, "MagneticFieldStrength": 3, "ImageType": ["ORIGINAL", "PRIMARY", "M"],
+        "PatientName": "FAKE^SYNTHETIC", "InstitutionName": "FAKE INSTITUTION", "AcquisitionTime": "10:00:00"})
+    params = read_sidecar(path)
+    assert params == {"SeriesDescription": "AX STIR", "ScanningSequence": "SE\\IR", "RepetitionTime": 5000.0,
+                      "EchoTime": 40.0, "InversionTime": 160.0, "MagneticFieldStrength": 3,
+                      "ImageType": ["ORIGINAL", "PRIMARY", "M"]}
+    img = load_series(path, "stir")
+    assert img.meta["sequence"] == params and img.meta["sequence_source"] == "sidecar sub01_acq-ax_run-1.json"
+    # a sidecar that already gives ms is read as ms; one that is not a JSON object is ignored
+    ms = _sidecar_subject(tmp_path, "ms", {"RepetitionTime": 550, "EchoTime": 12})
+    assert read_sidecar(ms) == {"RepetitionTime": 550.0, "EchoTime": 12.0}
+    assert read_sidecar(_sidecar_subject(tmp_path, "junk", "[1, 2]")) == {}
+    assert read_sidecar(_sidecar_subject(tmp_path, "broken", "{not json")) == {}
+
+
+def test_fluid_kind_from_a_sidecar_or_a_multiframe_dicom_file(tmp_path):
+    from data_scripts.nifti_to_dicom import write_enhanced_mr
+    from pipeline.api import normalise_inputs
+    from pipeline.image import Image
+
+    stir = _sidecar_subject(tmp_path, "series_7", {"SeriesDescription": "AX TIRM", "ScanningSequence": "SE\\IR",
+                                                   "InversionTime": 0.16, "RepetitionTime": 5.0, "EchoTime": 0.04})
+    t2fs = _sidecar_subject(tmp_path, "series_8", {"SeriesDescription": "T2 TSE FS AX", "ScanOptions": "FS",
+                                                   "RepetitionTime": 4.2, "EchoTime": 0.075})
+    assert normalise_inputs({"fluid": stir})["fluid_kind"] == "stir"
+    assert normalise_inputs({"fluid": t2fs})["fluid_kind"] == "t2fs"
+    dcm = write_enhanced_mr(Image(np.ones((6, 6, 3), np.float32), np.diag([1.0, 1.0, 4.0, 1.0]), "stir"),
+                            tmp_path / "mf" / "series.dcm", kind="stir")
+    assert normalise_inputs({"fluid": dcm})["fluid_kind"] == "stir"

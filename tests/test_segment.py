@@ -538,13 +538,10 @@ def test_a_label_grid_acquired_coronal_or_sagittal_is_named_in_a_warning():
         assert not any("acquired" in x for x in prepare_inputs({"t1": img}).warnings)
 
 
-@pytest.mark.parametrize("fat_on_fluid, with_t1", [(20.0, True), (400.0, True), (400.0, False)])
-def test_a_fluid_series_without_fat_suppression_is_left_out_when_there_is_a_t1(
-        monkeypatch, small_model, fat_on_fluid, with_t1):
-    """The (fake) network calls the left half of the scan subcutaneous fat and the right half
-    gluteus maximus. Fat 4 times as bright as muscle on the fluid series: with a T1 the scan is
-    segmented again without the fluid channel; fluid alone keeps its one pass with a warning;
-    suppressed fat (0.2 times the muscle) changes nothing."""
+def _fat_left_muscle_right_network(monkeypatch) -> list:
+    """Replace the network by one that calls the left half of the working grid subcutaneous fat
+    and the right half gluteus maximus; returns the list of its calls (which channels held
+    signal)."""
     import pipeline.segment as seg_mod
 
     k = len(LABELS)
@@ -559,6 +556,57 @@ def test_a_fluid_series_without_fat_suppression_is_left_out_when_there_is_a_t1(
         return out
 
     monkeypatch.setattr(seg_mod, "predict_logits", fake_logits)
+    return calls
+
+
+@pytest.mark.parametrize("case", ["t1_and_stir", "swapped", "t1_fat_sat", "fat_sat_t1_alone"])
+def test_a_t1_on_which_fat_is_dark_is_left_out_or_read_as_swapped(monkeypatch, small_model, case):
+    """The (fake) network calls the left half subcutaneous fat and the right half gluteus
+    maximus. Fat dark on the T1 (0.2 times muscle) and bright on the fluid series: the two were
+    given the wrong way round, flagged after one pass; dark on both: segmented again from the
+    fluid series alone; a dark-fat 'T1' alone: one pass and a warning; a real T1 (fat 3 times
+    muscle) beside a STIR changes nothing."""
+    import pipeline.segment as seg_mod
+
+    calls = _fat_left_muscle_right_network(monkeypatch)
+    aff = np.diag([1.0, 1.0, 4.0, 1.0]) @ _translate(-30, -30, -5)
+    x = np.arange(60)[:, None, None] * np.ones((60, 60, 10))
+    noise = np.random.default_rng(3).normal(0, 2, x.shape)
+
+    def image(fat, kind):
+        return Image((np.where(x < 30, fat, 100.0) + noise).astype(np.float32), aff, kind)
+
+    t1_like, fat_dark = image(300.0, "t1"), image(20.0, "stir")
+    images = {"t1_and_stir": {"t1": t1_like, "stir": fat_dark},
+              "swapped": {"t1": Image(fat_dark.array, aff, "t1"), "stir": Image(t1_like.array, aff, "stir")},
+              "t1_fat_sat": {"t1": Image(fat_dark.array, aff, "t1"), "stir": fat_dark},
+              "fat_sat_t1_alone": {"t1": Image(fat_dark.array, aff, "t1")}}[case]
+    seg = seg_mod.segment(images, small_model, shading=False)
+    dark = [w for w in seg.warnings if w.startswith("fat is no brighter than the muscles on the T1")]
+    assert seg.t1_fat_ratio == pytest.approx(3.0 if case == "t1_and_stir" else 0.2, rel=0.05)
+    assert seg.t1_fluid_swapped == (case == "swapped")
+    if case == "t1_and_stir":
+        assert calls == [(True, True)] and not dark
+    elif case == "swapped":
+        assert calls == [(True, True)] and not dark
+        assert any("given the wrong way round" in w for w in seg.warnings)
+    elif case == "t1_fat_sat":
+        assert calls == [(True, True), (False, True)]
+        assert len(dark) == 1 and dark[0].endswith("segmented from the fluid series alone")
+    else:
+        assert calls == [(True, False)] and len(dark) == 1 and "less certain" in dark[0]
+
+
+@pytest.mark.parametrize("fat_on_fluid, with_t1", [(20.0, True), (400.0, True), (400.0, False)])
+def test_a_fluid_series_without_fat_suppression_is_left_out_when_there_is_a_t1(
+        monkeypatch, small_model, fat_on_fluid, with_t1):
+    """The (fake) network calls the left half of the scan subcutaneous fat and the right half
+    gluteus maximus. Fat 4 times as bright as muscle on the fluid series: with a T1 the scan is
+    segmented again without the fluid channel; fluid alone keeps its one pass with a warning;
+    suppressed fat (0.2 times the muscle) changes nothing."""
+    import pipeline.segment as seg_mod
+
+    calls = _fat_left_muscle_right_network(monkeypatch)
     aff = np.diag([1.0, 1.0, 4.0, 1.0]) @ _translate(-30, -30, -5)
     x = np.arange(60)[:, None, None] * np.ones((60, 60, 10))
     fluid = np.where(x < 30, fat_on_fluid, 100.0).astype(np.float32)
