@@ -110,9 +110,10 @@ def _guess_fluid_kind(value) -> str:
 
 
 def input_hashes(inputs: dict, labels_override=None, label_table=None) -> dict[str, str]:
-    """sha256 of every input file (DICOM folders: of their files), keyed by role; with a given
-    label map also of it and of its label table."""
-    from pipeline.io import hash_input
+    """sha256 of every input file (DICOM folders: of their files), keyed by role; a NIfTI's JSON
+    sidecar (its sequence parameters are read) under "ROLE_sidecar"; with a given label map also
+    of it and of its label table."""
+    from pipeline.io import hash_input, is_nifti, sidecar_path
 
     label_table = resolve_label_table(labels_override, label_table)
     hashes = {}
@@ -123,6 +124,8 @@ def input_hashes(inputs: dict, labels_override=None, label_table=None) -> dict[s
             continue
         try:
             hashes[role] = hash_input(value)
+            if role in ROLES and is_nifti(value) and sidecar_path(value).is_file():
+                hashes[f"{role}_sidecar"] = hash_input(sidecar_path(value))
         except (ImageError, OSError) as exc:
             raise SubjectError("load", f"{role}: {exc}") from exc
     return hashes
@@ -446,7 +449,8 @@ def _segment_checking_roles(inputs: dict, hashes: dict, images: dict[str, Image]
               f"{inputs['fluid_kind']} ({_input_name(inputs['fluid'])}) reads T1-weighted (fat "
               f"{seg_info['fluid_fat_ratio']:.1f} times): the two were exchanged; check the inputs")
     inputs = {**inputs, "t1": inputs["fluid"], "fluid": inputs["t1"]}
-    hashes = {**hashes, "t1": hashes.get("fluid"), "fluid": hashes.get("t1")}
+    swap = {"t1": "fluid", "fluid": "t1", "t1_sidecar": "fluid_sidecar", "fluid_sidecar": "t1_sidecar"}
+    hashes = {swap.get(k, k): v for k, v in hashes.items()}
     images = _exchanged_t1_fluid(images, inputs["fluid_kind"])
     ref_role = reference_role(images)
     net_images = network_inputs(images, warnings)

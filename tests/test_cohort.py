@@ -297,3 +297,19 @@ def test_report_summaries_leave_out_implausible_qfs():
     # median QFS of the two plausible values (9.0, not 10.0 with the implausible 30 mm), 1 left out
     assert right == "<td>3</td><td>20.0</td><td>9.0</td><td>1</td><td>0</td>"
     assert "qfs_plausible" in HIP_COLUMNS
+
+
+def test_a_changed_sidecar_makes_a_result_out_of_date(tmp_path):
+    """A NIfTI's JSON sidecar is part of its input: editing it (e.g. to say STIR rather than T2
+    fat-sat) makes the subject's hash change, so a resumed cohort run redoes it."""
+    from pipeline.api import input_hashes
+
+    paths = write_subject(tmp_path / "s")
+    before = input_hashes({"t1": paths["t1"], "fluid": paths["stir"], "fluid_kind": "stir"})
+    assert set(before) == {"t1", "fluid"}
+    side = tmp_path / "s" / "stir.json"
+    side.write_text('{"SeriesDescription": "AX STIR"}')
+    with_sidecar = input_hashes({"t1": paths["t1"], "fluid": paths["stir"], "fluid_kind": "stir"})
+    assert set(with_sidecar) == {"t1", "fluid", "fluid_sidecar"} and with_sidecar["fluid"] == before["fluid"]
+    side.write_text('{"SeriesDescription": "AX T2 FS"}')
+    assert input_hashes({"t1": paths["t1"], "fluid": paths["stir"]})["fluid_sidecar"] != with_sidecar["fluid_sidecar"]
