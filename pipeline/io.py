@@ -613,10 +613,23 @@ def _load_dicom_files(files: list[Path], kind: str | None, max_voxels: int | Non
 # ----------------------------------------------------------------------------------------------
 # series classification
 # ----------------------------------------------------------------------------------------------
-_FS_WORDS = re.compile(r"(\bfs\b|_fs\b|\bfs_|fat[ _-]?sat|fatsat|\bspair\b|\bspir\b|\bchess\b|fat[ _-]?supp|\bfsat\b|"
-                       r"[ _]fs$|\bfs[ _])")
-_STIR_WORDS = re.compile(r"(stir|tirm|\bir[ _-]?fse\b)")
-_DIXON_WORDS = re.compile(r"(dixon|\bideal\b|\bflex\b|\bmdixon\b|\bdix\b)")
+def _words(alternatives: str, whole: bool = True) -> str:
+    """A pattern for any of ``alternatives`` (``a|b``) as a word of a lower-case series
+    description. "_" separates words in protocol names (Siemens "t2_tse_fs_tra", Philips
+    "T2W_SPAIR"), where ``\\b`` sees no word end: letters and digits bound a word here instead.
+    ``whole=False`` only asks for the start of a word ("t1" in "t1w")."""
+    return rf"(?<![a-z0-9])(?:{alternatives})" + (r"(?![a-z0-9])" if whole else "")
+
+
+_FS_WORDS = re.compile(_words(r"fs|fat[ _-]?sat|fatsat|spair|spir|chess|fsat") + r"|fat[ _-]?supp")
+_STIR_WORDS = re.compile(r"stir|tirm|" + _words(r"ir[ _-]?fse"))
+_DIXON_WORDS = re.compile(r"dixon|" + _words(r"ideal|flex|dix"))
+_DIXON_OTHER = re.compile(r"fraction|in[ _-]?phase|opp|" + _words(r"ff|ip|op"))
+_DIXON_WATER = re.compile(r"water|" + _words(r"w"))
+_DIXON_FAT = re.compile(r"fat|" + _words(r"f"))
+_NOT_ANATOMICAL = re.compile(_words(r"flair|dwi|adc|gre|swi|locali[sz]er|scout") + r"|" + _words(r"diff|t2\*", False))
+_SAYS_T1 = re.compile(_words(r"t1", False))
+_SAYS_FLUID = re.compile(_words(r"t2|pdw", False) + "|" + _words(r"pd") + r"|proton")
 
 
 def _num(params: dict, key: str) -> float | None:
@@ -654,20 +667,20 @@ def classify_series(info: SeriesInfo | dict) -> str | None:
     tr, te, ti = _num(params, "RepetitionTime"), _num(params, "EchoTime"), _num(params, "InversionTime")
 
     if "DIXON" in image_type or _DIXON_WORDS.search(desc):
-        if re.search(r"(fraction|\bff\b|in[ _-]?phase|opp|\bip\b|\bop\b)", desc) or {"IN_PHASE", "OUT_PHASE", "FF"} & image_type:
+        if _DIXON_OTHER.search(desc) or {"IN_PHASE", "OUT_PHASE", "FF"} & image_type:
             return None
-        if "WATER" in image_type or re.search(r"(water|_w\b|\bw\b)", desc):
+        if "WATER" in image_type or _DIXON_WATER.search(desc):
             return "dixon_water"
-        if "FAT" in image_type or re.search(r"(fat|_f\b|\bf\b)", desc):
+        if "FAT" in image_type or _DIXON_FAT.search(desc):
             return "dixon_fat"
         return None
-    if re.search(r"\bflair\b|\bdwi\b|\bdiff|\badc\b|\bt2\*|\bgre\b|\bswi\b|\blocali[sz]er\b|\bscout\b", desc):
+    if _NOT_ANATOMICAL.search(desc):
         return None
     if _STIR_WORDS.search(desc) or ("IR" in scan_seq and ti is not None and 80 <= ti <= 300):
         return "stir"
     fat_sat = bool({"FS", "SFS", "FAT_SAT", "SPAIR", "SPIR", "CHESS"} & options) or bool(_FS_WORDS.search(desc))
-    says_t1 = bool(re.search(r"\bt1", desc))
-    says_fluid = bool(re.search(r"\bt2|\bpd\b|\bpdw|\bpd[ _-]|proton", desc))
+    says_t1 = bool(_SAYS_T1.search(desc))
+    says_fluid = bool(_SAYS_FLUID.search(desc))
     if fat_sat:
         if says_t1:
             return None  # T1 fat-sat (e.g. post contrast): neither the T1 nor a fluid image

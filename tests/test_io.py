@@ -201,6 +201,16 @@ def test_hash_input_file_and_folder(tmp_path, good):
     ({"SeriesDescription": "T2 TSE AX", "RepetitionTime": 4000, "EchoTime": 90}, None),
     ({"SeriesDescription": "localizer", "RepetitionTime": 8, "EchoTime": 4}, None),
     ({"SeriesDescription": "DWI b800"}, None),
+    # protocol names as scanners write them, "_" between the words
+    ({"SeriesDescription": "t2_tse_fs_tra", "RepetitionTime": 4000, "EchoTime": 70}, "t2fs"),
+    ({"SeriesDescription": "T2W_SPAIR", "RepetitionTime": 3000, "EchoTime": 60}, "t2fs"),
+    ({"SeriesDescription": "PDW_SPAIR_COR", "RepetitionTime": 3000, "EchoTime": 30}, "t2fs"),
+    ({"SeriesDescription": "ax_t1_tse", "RepetitionTime": 4000, "EchoTime": 70}, "t1"),
+    ({"SeriesDescription": "t1_tse_fs_tra", "RepetitionTime": 600, "EchoTime": 10}, None),
+    ({"SeriesDescription": "t1_vibe_dixon_W_tra"}, "dixon_water"),
+    ({"SeriesDescription": "t1_vibe_dix_tra_F"}, "dixon_fat"),
+    ({"SeriesDescription": "t1_vibe_dixon_tra_opp"}, None),
+    ({"SeriesDescription": "ax_gre_fs", "RepetitionTime": 4000, "EchoTime": 70}, None),
 ])
 def test_classify_series(params, expected):
     assert classify_series(params) == expected
