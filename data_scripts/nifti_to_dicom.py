@@ -227,12 +227,14 @@ def write_enhanced_mr(image, out_path, *, kind: str = "t1", shuffle: bool = True
         per_frame.append(fg)
     ti = preset.get("InversionTime")
     shared = item(
-        PlaneOrientationSequence=Sequence([item(ImageOrientationPatient=[float(f"{v:.8f}") for v in (*row_dir, *col_dir)])]),
+        PlaneOrientationSequence=Sequence([item(
+            ImageOrientationPatient=[float(f"{v:.8f}") for v in (*row_dir, *col_dir)])]),
         PixelMeasuresSequence=Sequence([item(PixelSpacing=[float(spacing[1]), float(spacing[0])],
                                              SliceThickness=float(spacing[2]),
                                              SpacingBetweenSlices=float(spacing[2]))]),
-        MRTimingAndRelatedParametersSequence=Sequence([item(RepetitionTime=float(preset["RepetitionTime"]),
-                                                            FlipAngle=90.0 if "SE" in preset["ScanningSequence"] else 15.0)]),
+        MRTimingAndRelatedParametersSequence=Sequence([item(
+            RepetitionTime=float(preset["RepetitionTime"]),
+            FlipAngle=90.0 if "SE" in preset["ScanningSequence"] else 15.0)]),
         MREchoSequence=Sequence([item(EffectiveEchoTime=float(preset["EchoTime"]))]),
         MRModifierSequence=Sequence([item(InversionRecovery="YES" if ti else "NO",
                                           **({"InversionTimes": [float(ti)]} if ti else {}))]))

@@ -285,8 +285,9 @@ def _group_item(ds, frame: int | None, sequence: str):
     """The item of functional group ``sequence`` for ``frame`` of an enhanced DICOM: per-frame
     first, then shared (the standard allows either); None where neither has it."""
     groups = []
-    if frame is not None and "PerFrameFunctionalGroupsSequence" in ds and frame < len(ds.PerFrameFunctionalGroupsSequence):
-        groups.append(ds.PerFrameFunctionalGroupsSequence[frame])
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if frame is not None and frame < len(per_frame):
+        groups.append(per_frame[frame])
     if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
         groups.append(ds.SharedFunctionalGroupsSequence[0])
     for g in groups:
@@ -519,7 +520,8 @@ def _load_dicom_files(files: list[Path], kind: str | None, max_voxels: int | Non
                          "(give the series folder, not one file)")
     for key, attr in (("ImagePositionPatient", "position"), ("ImageOrientationPatient", "orientation"),
                       ("PixelSpacing", "pixel_spacing"), ("Rows", "rows"), ("Columns", "cols")):
-        missing = [fr.name for fr in frames if getattr(fr, attr) is None or (attr in ("rows", "cols") and not getattr(fr, attr))]
+        missing = [fr.name for fr in frames
+                   if getattr(fr, attr) is None or (attr in ("rows", "cols") and not getattr(fr, attr))]
         if missing:
             what = "frame(s)" if multiframe else "file(s)"
             raise ImageError(f"{where}: {len(missing)} {what} lack {key} (e.g. {missing[0]}); cannot place slices")

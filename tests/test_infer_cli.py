@@ -261,7 +261,8 @@ def test_t1_and_fluid_given_the_wrong_way_round_are_exchanged(tmp_path, monkeypa
     assert seen == [2.2, 0.4, 2.2]             # right; wrong, then exchanged
     notice = [w for w in wrong["provenance"]["warnings"] if "the two were exchanged" in w]
     assert len(notice) == 1 and "given as T1 (stir.nii.gz)" in notice[0]
-    assert {r: d["file"] for r, d in wrong["provenance"]["inputs"].items()} == {"t1": "t1.nii.gz", "fluid": "stir.nii.gz"}
+    files = {r: d["file"] for r, d in wrong["provenance"]["inputs"].items()}
+    assert files == {"t1": "t1.nii.gz", "fluid": "stir.nii.gz"}
     assert wrong["provenance"]["input_sha256"] == right["provenance"]["input_sha256"]
     for side, hip in right["hips"].items():
         other = wrong["hips"][side]
