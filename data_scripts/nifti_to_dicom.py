@@ -64,6 +64,14 @@ def _slices_last(image, kind: str):
     return image, lps, lps[:3, 0] / image.spacing[0], lps[:3, 1] / image.spacing[1]
 
 
+def _rescaled_uint16(plane: np.ndarray, k: int, n: int) -> tuple[np.ndarray, float, float]:
+    """``plane`` stored as uint16 with its own RescaleSlope / RescaleIntercept (stored, slope,
+    intercept); the slope varies with the slice index ``k`` of ``n``, as exports' do."""
+    lo, hi = float(plane.min()), float(plane.max())
+    slope = max((hi - lo) / 60000.0, 1e-6) * (1.0 + 0.1 * k / max(n, 1))
+    return np.clip(np.rint((plane - lo) / slope), 0, 65535).astype(np.uint16), slope, lo
+
+
 def write_dicom_series(image, out_dir, *, kind: str = "t1", shuffle: bool = True,
                        reverse_instance_numbers: bool = True, rescale: bool = True,
                        drop_optional: bool = True, seed: int = 0, series_uid: str | None = None,
@@ -113,10 +121,7 @@ def write_dicom_series(image, out_dir, *, kind: str = "t1", shuffle: bool = True
     for k in order:
         plane = data[:, :, k].T   # (rows, columns)
         if rescale:
-            lo, hi = float(plane.min()), float(plane.max())
-            slope = max((hi - lo) / 60000.0, 1e-6) * (1.0 + 0.1 * k / max(n, 1))
-            stored = np.clip(np.rint((plane - lo) / slope), 0, 65535).astype(np.uint16)
-            intercept = lo
+            stored, slope, intercept = _rescaled_uint16(plane, k, n)
         else:
             slope, intercept = 1.0, 0.0
             stored = np.clip(np.rint(plane), -32768, 32767).astype(np.int16)
@@ -212,9 +217,8 @@ def write_enhanced_mr(image, out_path, *, kind: str = "t1", shuffle: bool = True
     pixels, per_frame = [], []
     for k, ftype in frames:
         plane = data[:, :, k].T
-        lo, hi = float(plane.min()), float(plane.max())
-        slope = max((hi - lo) / 60000.0, 1e-6) * (1.0 + 0.1 * k / max(n, 1))
-        pixels.append(np.clip(np.rint((plane - lo) / slope), 0, 65535).astype(np.uint16))
+        stored, slope, lo = _rescaled_uint16(plane, k, n)
+        pixels.append(stored)
         position = lps[:3, 3] + k * lps[:3, 2]
         fg = item(
             PlanePositionSequence=Sequence([item(ImagePositionPatient=[float(f"{v:.6f}") for v in position])]),

@@ -87,20 +87,17 @@ def _guess_fluid_kind(value) -> str:
     """t2fs or stir for a fluid series given without its kind: from the DICOM headers (series
     classification) when it is DICOM, or a NIfTI's JSON sidecar (dcm2niix), else from the file
     name ("stir" in it), else t2fs."""
-    from pipeline.io import (SeriesInfo, classify_series, dicom_file_params, find_series, is_nifti,
-                             read_sidecar)
+    from pipeline.io import SeriesInfo, classify_series, find_series, is_nifti, read_sidecar
 
     kind = None
     if isinstance(value, SeriesInfo):
         kind = value.params.get("_kind") or classify_series(value)
-    elif Path(str(value)).is_dir():
-        try:
+    elif Path(str(value)).is_dir() or (Path(str(value)).is_file() and not is_nifti(value)):
+        try:                # a DICOM series folder, or one (multi-frame) DICOM file
             series = find_series(value)
         except ImageError:
             series = []
         kind = classify_series(series[0]) if len(series) == 1 else None
-    elif Path(str(value)).is_file() and not is_nifti(value):      # one (multi-frame) DICOM file
-        kind = classify_series(dicom_file_params(value))
     else:
         sidecar = read_sidecar(value)
         kind = classify_series(sidecar) if sidecar else None
@@ -195,25 +192,20 @@ def _load_inputs(inputs: dict, max_voxels: int | None, warnings: list[str]) -> d
     return images
 
 
-#: What each input role may be, as ``pipeline.io.classify_series`` names series.
-_ROLE_KINDS = {"t1": ("t1",), "fluid": ("t2fs", "stir"), "dixon_fat": ("dixon_fat",),
-               "dixon_water": ("dixon_water",)}
-
-
 def _header_role_mismatch(role: str, img: Image) -> str | None:
     """A warning when an input's own headers (DICOM, or a NIfTI's JSON sidecar) classify it as
     another kind of series than the role it was given for (e.g. a STIR given as the T1); None
     when they agree or say nothing definite."""
-    from pipeline.io import classify_series
+    from pipeline.io import ROLE_KINDS, classify_series
 
     params = img.meta.get("sequence") or {}
     kind = classify_series(params) if params else None
-    if kind is None or kind in _ROLE_KINDS[role]:
+    if kind is None or kind in ROLE_KINDS[role]:
         return None
     source = img.meta.get("sequence_source") or "DICOM headers"
     desc = params.get("SeriesDescription")
     return (f"{role}: its {source} read as a {kind} series" + (f" ({desc!r})" if desc else "")
-            + f", not a {' or '.join(_ROLE_KINDS[role])}; check the inputs")
+            + f", not a {' or '.join(ROLE_KINDS[role])}; check the inputs")
 
 
 def reference_role(images: dict) -> str:

@@ -376,12 +376,14 @@ def _enhanced_params(ds) -> dict:
 
 
 def _read_headers(folder: Path) -> dict[str, list[tuple[Path, object]]]:
-    """Series UID -> [(file, header dataset)] for every DICOM image file under ``folder``."""
+    """Series UID -> [(file, header dataset)] for every DICOM image file under ``folder`` (or
+    for ``folder`` itself when it is one file, e.g. a multi-frame series)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     groups: dict[str, list] = {}
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+    for f in files:
         if f.name.upper() == "DICOMDIR" or f.name.startswith("."):
             continue
         try:
@@ -416,16 +418,6 @@ def _sequence_params(ds) -> dict:
 
 
 
-def dicom_file_params(path: str | Path) -> dict:
-    """The sequence parameters (``SEQUENCE_TAGS``; an enhanced file's from its functional
-    groups) of one DICOM file, from its header; {} when it is not readable DICOM."""
-    import pydicom
-
-    try:
-        return _sequence_params(pydicom.dcmread(str(path), stop_before_pixels=True))
-    except Exception:
-        return {}
-
 def _plain(val):
     """A DICOM value as JSON-friendly Python (float, int, str, list)."""
     from pydicom.multival import MultiValue
@@ -456,13 +448,14 @@ def _orientation_name(normal: np.ndarray) -> str:
 
 
 def find_series(study_dir: str | Path) -> list[SeriesInfo]:
-    """List the image series under a DICOM study folder (recursively), from headers only.
+    """List the image series under a DICOM study folder (recursively), or in one DICOM file (a
+    multi-frame series), from headers only.
 
     Returns them ordered by series number. Files that are not DICOM are skipped.
     """
     study_dir = Path(study_dir)
-    if not study_dir.is_dir():
-        raise ImageError(f"{study_dir}: not a folder")
+    if not study_dir.exists():
+        raise ImageError(f"{study_dir}: not found")
     infos = []
     for uid, items in _read_headers(study_dir).items():
         ds = items[0][1]
@@ -698,6 +691,11 @@ def classify_series(info: SeriesInfo | dict) -> str | None:
     return None
 
 
+#: What each input role may be, as ``classify_series`` names series (the first: the default).
+ROLE_KINDS = {"t1": ("t1",), "fluid": ("t2fs", "stir"), "dixon_fat": ("dixon_fat",),
+              "dixon_water": ("dixon_water",)}
+
+
 def choose_series(infos: list[SeriesInfo], overrides: dict[str, str] | None = None) -> tuple[dict, list[str]]:
     """Pick one series per role from a study.
 
@@ -717,9 +715,7 @@ def choose_series(infos: list[SeriesInfo], overrides: dict[str, str] | None = No
     for s in infos:
         lines.append(f"  series {s.summary()} -> {classified[s.uid] or 'not used'}")
     chosen: dict[str, SeriesInfo] = {}
-    role_kinds = {"t1": ("t1",), "fluid": ("t2fs", "stir"), "dixon_fat": ("dixon_fat",),
-                  "dixon_water": ("dixon_water",)}
-    for role, kinds in role_kinds.items():
+    for role, kinds in ROLE_KINDS.items():
         if role in overrides:
             uid = overrides[role]
             if uid not in by_uid:
@@ -748,6 +744,6 @@ def choose_series(infos: list[SeriesInfo], overrides: dict[str, str] | None = No
 __all__ = [
     "SeriesInfo", "load_series", "load_dicom_series", "find_series", "classify_series",
     "choose_series", "hash_input", "check_overlap", "is_nifti", "validate_intensity_image",
-    "read_sidecar", "sidecar_path", "dicom_file_params",
+    "read_sidecar", "sidecar_path", "ROLE_KINDS",
     "LPS_TO_RAS", "SEQUENCE_TAGS", "IDENTIFYING_TAGS",
 ]

@@ -603,14 +603,12 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
                 if t1_img is not None and "synthesised_from" not in t1_img.meta else None)
     check_s = time.perf_counter() - t0
     t1_dark = t1_ratio is not None and t1_ratio < T1_MIN_FAT_RATIO
-    if t1_dark and ratio is not None and ratio > UNSUPPRESSED_FAT_RATIO:
+    swapped = t1_dark and ratio is not None and ratio > UNSUPPRESSED_FAT_RATIO
+    drop, other = None, None
+    if swapped:             # no further pass: the caller exchanges the two and segments again
         seg.warnings.append(f"fat reads {t1_ratio:.1f} times the muscles on the T1 and {ratio:.1f} times "
                             "on the fluid series: the two look given the wrong way round")
-        seg.fluid_fat_ratio, seg.t1_fat_ratio, seg.t1_fluid_swapped = ratio, t1_ratio, True
-        seg.timings["fat_suppression_check"] = check_s
-        return seg
-    drop, other = None, None
-    if t1_dark:
+    elif t1_dark:
         note = (f"fat is no brighter than the muscles on the T1 ({t1_ratio:.1f} times): not a T1 "
                 "without fat suppression, unlike the series the network was trained on")
         drop, other = "t1", ("fluid series" if "fluid" in model.channels and ratio is not None else None)
@@ -626,12 +624,12 @@ def segment(images: dict[str, Image], model: SegModel, reference: str | None = N
         note += f": segmented from the {other} alone"
     elif drop:
         note += ": the labels are less certain; check the QC picture"
-    if shading:
+    if shading and not swapped:
         seg = _shading_pass(seg, probs_w, working_affine, images, model, reference,
                             return_probabilities, bf16, mirror, partial_coverage, exclude)
     if note:
         seg.warnings.append(note)
-    seg.fluid_fat_ratio, seg.t1_fat_ratio = ratio, t1_ratio
+    seg.fluid_fat_ratio, seg.t1_fat_ratio, seg.t1_fluid_swapped = ratio, t1_ratio, swapped
     seg.timings["fat_suppression_check"] = check_s
     return seg
 
